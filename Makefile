@@ -1,0 +1,58 @@
+# bnserve: two commands on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+BNSERVE := $(VENV)/bin/bnserve
+HOST   ?= 0.0.0.0
+PORT   ?= 8001
+METRICS_PORT ?= 8002
+
+.PHONY: serve test lint typecheck unit models proto clean install-serve install-test
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (python 3.11) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+
+# Serving install: no torch. The stamp is remade whenever pyproject.toml changes.
+$(VENV)/.serve-stamp: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	touch $@
+
+# Test install: training (torch==2.13.0, CPU wheel) and test tools on top.
+$(VENV)/.test-stamp: pyproject.toml | $(PY)
+	$(PIP) install -e '.[test]'
+	touch $@ $(VENV)/.serve-stamp
+
+install-serve: $(VENV)/.serve-stamp
+install-test: $(VENV)/.test-stamp
+
+serve: install-serve
+	$(BNSERVE) serve --repo model_repository --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install-test
+	$(VENV)/bin/mypy
+
+unit: install-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Retrain and re-export the bundled models; bit for bit the same files as committed.
+models: install-test
+	$(PY) -m bnserve.training.bundle --repo model_repository
+
+# Regenerate the protobuf/gRPC modules in proto/ from proto/inference.proto.
+proto: install-test
+	$(PY) -m bnserve.proto.generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""bnserve: train, freeze, fold, export and serve Batch-Normalization networks."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Python client for the Open Inference Protocol: unary and streaming, numpy in and out."""

@@ -1,0 +1,1 @@
+"""Open Inference Protocol messages and service stubs (generated from inference.proto)."""

@@ -1,0 +1,1 @@
+"""The inference server: onnxruntime sessions behind the Open Inference Protocol over gRPC."""

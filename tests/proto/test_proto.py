@@ -12,12 +12,13 @@ import textwrap
 from collections.abc import Callable
 
 import pytest
-from bnserve.proto import inference_pb2 as pb
-from bnserve.proto import inference_pb2_grpc as pbg
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as tmc
 from tritonclient.grpc import service_pb2 as tpb
+
+from bnserve.proto import inference_pb2 as pb
+from bnserve.proto import inference_pb2_grpc as pbg
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:

@@ -1,8 +1,167 @@
-"""The `bnserve` command line."""
+"""`bnserve`: one command line, thin over the modules.
 
+Subcommands import lazily: `serve`, `infer`, `bench`, `health` and `inspect` run on the serving
+install (no torch); `train` and `export` need the `train` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("hello", argv or sys.argv[1:])
+def _train(args: argparse.Namespace) -> int:
+    from bnserve.training import train as T
+
+    momentum = args.bn_momentum
+    if args.tf_momentum is not None:
+        momentum = T.tf_momentum_to_torch(args.tf_momentum)
+        logging.getLogger("bnserve.training").info(
+            "--tf-momentum %s (TensorFlow: running = m*running + (1-m)*batch) mapped to "
+            "PyTorch momentum %s (running = (1-m)*running + m*batch)",
+            args.tf_momentum,
+            momentum,
+        )
+    cfg = T.TrainConfig.for_model(
+        args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        bn_momentum=momentum,
+        bn_eps=args.bn_eps,
+        recalibrate=args.recalibrate,
+        threads=args.threads,
+        n_train=args.n_train,
+    )
+    result = T.train(cfg, progress=not args.no_progress)
+    out = args.out or Path("checkpoints") / f"{args.model}.pt"
+    T.save_checkpoint(out, result)
+    print(
+        f"{args.model}: eval accuracy {result.accuracy:.4f} on {len(result.split.y_test)} "
+        f"test samples; checkpoint {out}"
+    )
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from bnserve.training import stats
+    from bnserve.training import train as T
+    from bnserve.training.repo import write_entry
+
+    model, cfg, _ = T.load_checkpoint(args.checkpoint)
+    split = T.load_split(cfg.model, n_train=cfg.n_train)
+    if args.recalibrate:
+        before = T.accuracy(model, split.x_test, split.y_test)
+        stats.recalibrate(model, split.x_train)
+        after = T.accuracy(model, split.x_test, split.y_test)
+        print(f"recalibrated running statistics: eval accuracy {before:.4f} -> {after:.4f}")
+    torch_acc = T.accuracy(model, split.x_test, split.y_test)
+    path, config = write_entry(
+        args.repo,
+        model,
+        cfg,
+        split,
+        name=args.name,
+        version=args.version,
+        torch_accuracy=torch_acc,
+        max_batch_size=args.max_batch_size,
+    )
+    v = config["versions"][path.parent.name]
+    print(
+        f"wrote {path} (version {path.parent.name}); onnxruntime accuracy {v['accuracy']:.4f}, "
+        f"torch eval accuracy {torch_acc:.4f}, parity {v['parity_max_rel_error']}"
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from bnserve.server.inspect import inspect_model, render
+
+    report = inspect_model(args.model, batch=args.batch)
+    print(render(report, as_json=args.json))
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bnserve", description="Train, freeze, fold, export and serve BN networks."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a BN network (digits, vol3d, mlp)")
+    p.add_argument("model", choices=["digits", "vol3d", "mlp"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (one-cycle Adam)")
+    p.add_argument("--seed", type=int, default=0)
+    m = p.add_mutually_exclusive_group()
+    m.add_argument(
+        "--bn-momentum",
+        type=float,
+        help="PyTorch convention: weight of the new batch (default 0.1; vol3d 0.01)",
+    )
+    m.add_argument(
+        "--tf-momentum",
+        type=float,
+        help="TensorFlow/Keras convention: weight of the old average (0.99 = 0.01)",
+    )
+    p.add_argument(
+        "--bn-eps",
+        type=float,
+        default=1e-5,
+        help="added to the variance (PyTorch 1e-5; Keras' default is 1e-3)",
+    )
+    p.add_argument(
+        "--recalibrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute running statistics over the training set (precise BN)",
+    )
+    p.add_argument("--threads", type=int, help="torch intra-op threads (fixed = reproducible)")
+    p.add_argument("--n-train", type=int, help="vol3d: number of generated training volumes")
+    p.add_argument("--out", type=Path, help="checkpoint path (default checkpoints/MODEL.pt)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="fold, export to ONNX, verify, write a repository entry")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--name", help="model name in the repository (default: the checkpoint's)")
+    p.add_argument("--version", type=int, help="version number (default: the next one)")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="recompute running statistics over the training set before freezing",
+    )
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("inspect", help="inputs/outputs, ops, BN nodes, batch invariance")
+    p.add_argument("model", type=Path, help="an .onnx file")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the invariance check")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        # Our errors (StatisticsError, FoldError, ExportError, ...) carry the whole story.
+        print(f"bnserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

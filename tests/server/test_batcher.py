@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from bnserve.server.batcher import Batcher, BatchingConfig, Outcome
 from bnserve.server.errors import (
     BnserveError,
@@ -25,7 +27,6 @@ from bnserve.server.errors import (
     ShuttingDownError,
 )
 from bnserve.server.model import SessionPool
-from onnx import TensorProto, helper, numpy_helper
 
 T = TypeVar("T")
 WAIT = 10.0  # upper bound for any single wait; tests normally finish in milliseconds

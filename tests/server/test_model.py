@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from bnserve.server.errors import BnserveError, InvalidInputError, ModelLoadError
 from bnserve.server.model import (
     LoadedModel,
@@ -21,7 +23,6 @@ from bnserve.server.model import (
     session_options,
     validate_inputs,
 )
-from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
 

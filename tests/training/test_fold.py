@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from bnserve.training.fold import FoldError, fold_batchnorm
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnserve.training.fold import FoldError, fold_batchnorm
 
 RTOL = 1e-5
 

@@ -88,6 +88,46 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from bnserve.server.app import serve
+    from bnserve.server.config import Settings
+
+    # Only flags given on the command line override BNSERVE_* variables and defaults.
+    names = (
+        "repo",
+        "host",
+        "port",
+        "metrics_port",
+        "poll",
+        "grace",
+        "instances",
+        "max_message_mb",
+        "log_level",
+    )
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    settings = Settings(**given)
+    logging.getLogger().setLevel(settings.log_level)
+    return serve(settings)
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"{args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.target} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnserve", description="Train, freeze, fold, export and serve BN networks."
@@ -148,6 +188,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="batch size of the invariance check")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("serve", help="serve a model repository over gRPC (Open Inference Protocol)")
+    p.add_argument("--repo", type=Path, help="model repository (default model_repository)")
+    p.add_argument("--host", help="bind address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="gRPC port (default 8001; 0 = any free port)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; -1 = off)")
+    p.add_argument("--poll", type=float, help="rescan the repository every SECONDS (hot reload)")
+    p.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown (10)")
+    p.add_argument("--instances", type=int, help="onnxruntime sessions per model (CPU count)")
+    p.add_argument("--max-message-mb", type=int, help="gRPC message size limit in MiB (64)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("health", help="grpc.health.v1 probe: exit 0 when SERVING")
+    p.add_argument("--target", default="127.0.0.1:8001", help="HOST:PORT")
+    p.add_argument("--service", default="", help="a model name; empty = the whole server")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    p.set_defaults(func=_health)
     return parser
 
 

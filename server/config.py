@@ -1,0 +1,63 @@
+"""Server settings: command-line flags over BNSERVE_* environment variables over defaults.
+
+Validated once at start, immutable afterwards, printed once (`Settings.summary()`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORT = 8001
+DEFAULT_METRICS_PORT = 8002
+DEFAULT_GRACE_S = 10.0
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob of `bnserve serve`. Environment: BNSERVE_<FIELD>, e.g. BNSERVE_PORT=9001."""
+
+    model_config = SettingsConfigDict(env_prefix="BNSERVE_", frozen=True, extra="forbid")
+
+    repo: Path = Field(default=Path("model_repository"), description="model repository root")
+    host: str = Field(default="0.0.0.0", description="gRPC bind address")
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535, description="gRPC port (0: any)")
+    metrics_host: str | None = Field(default=None, description="metrics bind address (host)")
+    metrics_port: int = Field(
+        default=DEFAULT_METRICS_PORT, ge=-1, le=65535, description="Prometheus port; -1 disables"
+    )
+    poll: float | None = Field(
+        default=None, gt=0, description="seconds between repository scans (hot reload); off"
+    )
+    grace: float = Field(
+        default=DEFAULT_GRACE_S, ge=0, description="seconds in-flight requests get at shutdown"
+    )
+    instances: int | None = Field(
+        default=None, ge=1, description="onnxruntime sessions per model (default: CPU count)"
+    )
+    max_message_mb: int = Field(default=64, ge=1, le=2047, description="gRPC message size limit")
+    log_level: str = Field(default="INFO")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {v!r}")
+        return v
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * MiB
+
+    @property
+    def instances_per_model(self) -> int:
+        return self.instances or os.cpu_count() or 1
+
+    def summary(self) -> str:
+        fields = self.model_dump()
+        fields["instances"] = f"{self.instances_per_model}" + ("" if self.instances else " (cpus)")
+        return " ".join(f"{k}={v}" for k, v in fields.items())

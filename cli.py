@@ -206,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", default="", help="a model name; empty = the whole server")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds")
     p.set_defaults(func=_health)
+
+    # >>> infer subcommand (owned by the client library's author)
+    # <<< infer subcommand
+
+    # >>> bench subcommand (owned by the load tester's author)
+    # <<< bench subcommand
     return parser
 
 

@@ -60,6 +60,7 @@ class App:
             observer_factory=lambda n, v: Tee([self.metrics.observer(n, v), self.stats.get(n, v)]),
             on_change=self._on_model_change,
             on_load_failure=lambda n, v, reason: self.metrics.load_failure(n),
+            grace=settings.grace,
         )
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),

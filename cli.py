@@ -211,6 +211,48 @@ def build_parser() -> argparse.ArgumentParser:
     # <<< infer subcommand
 
     # >>> bench subcommand (owned by the load tester's author)
+    def _bench(args: argparse.Namespace) -> int:
+        from bnserve.client.bench import main as bench_main
+
+        return bench_main(args)
+
+    p = sub.add_parser(
+        "bench",
+        help="load test a model over gRPC: throughput, latency percentiles, errors by code",
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        metavar="HOST:PORT",
+        help="server address (default 127.0.0.1:8001); repeat for round robin, one channel each",
+    )
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--model-version", default="", help="model version (default: the server's)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument(
+        "--concurrency", type=int, help="closed loop: N workers, one request in flight each (1)"
+    )
+    load.add_argument(
+        "--rate",
+        type=float,
+        help="open loop: R requests/s on a fixed schedule; latency from the scheduled time",
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds (10)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before, not counted (1)")
+    p.add_argument("--batch", type=int, default=1, help="rows per request (1)")
+    p.add_argument("--mode", choices=["unary", "stream"], default="unary")
+    p.add_argument("--streams", type=int, help="stream mode: ModelStreamInfer streams (1/target)")
+    p.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, s (10)")
+    p.add_argument(
+        "--max-inflight", type=int, default=10_000, help="open loop: in-flight cap (10000)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
+    p.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="latency histogram + throughput over time"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_bench)
     # <<< bench subcommand
     return parser
 

@@ -1,0 +1,209 @@
+"""`bnserve bench` against a real server (in-process, 127.0.0.1, port 0, the bundled models).
+
+The client's figures are checked against the server's own Prometheus counters: every request
+the load tester sent is accounted for exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bnserve.client.bench import BenchConfig, BenchResult, _Ids, build_workload, run_bench
+from bnserve.proto import inference_pb2 as pb
+from bnserve.server.app import App, serve_in_thread
+from bnserve.server.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED = ROOT / "model_repository"
+JSON_KEYS = {"requests", "errors", "throughput_rps", "samples_per_s", "latency_ms"}
+LATENCY_KEYS = ["p50", "p90", "p99", "p999", "max"]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[App]:
+    settings = Settings(
+        repo=BUNDLED,
+        host="127.0.0.1",
+        port=0,
+        metrics_port=-1,
+        instances=2,
+        grace=5,
+        log_level="WARNING",
+    )
+    with serve_in_thread(settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def target(app: App) -> str:
+    return f"127.0.0.1:{app.port}"
+
+
+def _successes(app: App, model: str = "digits") -> float:
+    return app.metrics.snapshot("bnserve_request_success_total", model=model, version="1")
+
+
+def _check_json(result: BenchResult) -> dict:
+    doc = json.loads(result.to_json())
+    assert doc.keys() >= JSON_KEYS
+    assert list(doc["latency_ms"]) == LATENCY_KEYS
+    assert doc["requests"] == result.requests
+    assert doc["errors"] == sum(doc["errors_by_code"].values())
+    return doc
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_closed_loop_counts_match_the_server(app: App, target: str, mode: str) -> None:
+    before = _successes(app)
+    result = run_bench(
+        BenchConfig(
+            targets=(target,),
+            model="digits",
+            concurrency=4,
+            duration=2.0,
+            warmup=0.0,
+            mode=mode,  # type: ignore[arg-type]
+            progress=False,
+        )
+    )
+    delta = _successes(app) - before
+    assert result.errors == 0, result.errors_by_code
+    assert result.requests == result.ok > 0
+    assert result.ok == delta  # every request counted exactly once, on both sides
+    assert result.warmup_requests == 0
+    assert result.throughput_rps == pytest.approx(result.requests / 2.0, rel=1e-3)
+    assert result.samples_per_s == pytest.approx(result.ok / 2.0, rel=1e-3)
+    lat = [v for k in LATENCY_KEYS if (v := result.latency_ms[k]) is not None]
+    assert len(lat) == len(LATENCY_KEYS) and min(lat) > 0
+    assert lat == sorted(lat)  # p50 <= p90 <= p99 <= p99.9 <= max
+    assert result.latencies_s.size == result.ok
+    assert result.mode == mode and result.concurrency == 4
+    doc = _check_json(result)
+    assert doc["errors_by_code"] == {}
+    assert sum(doc["timeline"]["ok_rps"]) * doc["timeline"]["interval_s"] == pytest.approx(
+        result.ok
+    )
+
+
+def test_open_loop_keeps_the_rate(app: App, target: str) -> None:
+    before = _successes(app)
+    result = run_bench(
+        BenchConfig(
+            targets=(target,), model="digits", rate=200.0, duration=2.0, warmup=0.5, progress=False
+        )
+    )
+    delta = _successes(app) - before
+    assert result.loop == "open" and result.concurrency is None
+    assert result.send_rate_rps is not None
+    assert abs(result.send_rate_rps - 200.0) <= 0.05 * 200.0
+    assert abs(result.requests - 200 * 2) <= 0.05 * 400
+    assert result.errors == 0, result.errors_by_code
+    # Warm-up requests are tallied apart, and the server saw exactly both.
+    assert result.warmup_requests == 100
+    assert result.ok + result.warmup_ok == delta
+    assert result.send_lag_ms is not None and result.send_lag_ms["max"] is not None
+    _check_json(result)
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_unknown_model_errors_are_counted_by_code(app: App, target: str, mode: str) -> None:
+    def failures() -> float:
+        return app.metrics.snapshot(
+            "bnserve_request_failure_total", model="<unknown>", version="", code="NOT_FOUND"
+        )
+
+    before = failures()
+    result = run_bench(
+        BenchConfig(
+            targets=(target,),
+            model="no-such-model",
+            concurrency=2,
+            duration=1.0,
+            warmup=0.0,
+            mode=mode,  # type: ignore[arg-type]
+            progress=False,
+        )
+    )
+    assert result.requests > 0
+    assert result.ok == 0
+    assert result.errors == result.requests
+    assert result.errors_by_code == {"NOT_FOUND": result.requests}
+    assert failures() - before == result.errors
+    assert result.latency_ms["p50"] is None
+    assert result.samples_per_s == 0
+    doc = _check_json(result)
+    assert doc["errors_by_code"] == {"NOT_FOUND": result.requests}
+
+
+def test_cli_writes_table_json_and_plot(target: str, tmp_path: Path) -> None:
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bnserve.cli",
+        "bench",
+        "--target",
+        target,
+        "--model",
+        "digits",
+        "--concurrency",
+        "2",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--batch",
+        "4",
+        "--mode",
+        "stream",
+        "--json",
+        str(out_json),
+        "--plot",
+        str(out_png),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("req/s", "samples/s", "p50", "p99.9", "max", "errors 0"):
+        assert word in proc.stdout
+    doc = json.loads(out_json.read_text())
+    assert doc.keys() >= JSON_KEYS
+    assert doc["errors"] == 0 and doc["requests"] > 0
+    assert doc["batch"] == 4 and doc["inputs"] == {"input": [4, 1, 8, 8]}
+    assert doc["samples_per_s"] == pytest.approx(4 * doc["throughput_rps"], rel=1e-3)
+    data = out_png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 10_000
+
+
+def test_request_ids_ride_on_the_one_serialized_request() -> None:
+    work = build_workload("digits", "", [("input", "FP32", [-1, 1, 8, 8])], batch=3)
+    assert work.rows == 3 and work.inputs == {"input": [3, 1, 8, 8]}
+    ids = _Ids(work.payload)
+    seen = set()
+    for _ in range(300):
+        payload, sid = ids.next()
+        request = pb.ModelInferRequest.FromString(payload)
+        assert request.id == sid
+        assert request.model_name == "digits"
+        assert list(request.inputs[0].shape) == [3, 1, 8, 8]
+        assert len(request.raw_input_contents[0]) == 3 * 64 * 4
+        seen.add(sid)
+    assert len(seen) == 300
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        BenchConfig(model="digits", concurrency=2, rate=10.0)
+    with pytest.raises(ValueError, match="duration"):
+        BenchConfig(model="digits", duration=0)
+    with pytest.raises(ValueError, match="batch axis"):
+        build_workload("m", "", [("x", "FP32", [3, 4])], batch=2)
+    assert BenchConfig(model="m", targets="h:1").targets == ("h:1",)

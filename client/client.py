@@ -467,6 +467,8 @@ class _Reorder:
     taken: int = 0  # batches taken from the iterable (indexes 0..taken-1 assigned)
     held: int = 0  # slots held: taken and not yet handed to the caller
     max_held: int = 0
+    max_answered: int = -1  # the highest index answered so far
+    out_of_order: int = 0  # responses that arrived after a later batch's response
     next_index: int = 0  # the next batch to hand to the caller
     done_taking: bool = False  # the iterable is exhausted (or raised, or the stream ended)
     finished: bool = False  # the RPC is over
@@ -515,6 +517,9 @@ class _Reorder:
             )
             return
         latency = time.perf_counter() - started
+        if index < self.max_answered:
+            self.out_of_order += 1
+        self.max_answered = max(self.max_answered, index)
         if msg.error_message:
             outcome = StreamResult(index, None, _stream_error(msg.error_message, index), latency)
         else:
@@ -594,6 +599,11 @@ class InferStream:
     def max_in_flight(self) -> int:
         """The most batches outstanding at once so far (never above `window`)."""
         return self._state.max_held
+
+    @property
+    def out_of_order(self) -> int:
+        """How many responses arrived after a later batch's (and were put back in order)."""
+        return self._state.out_of_order
 
     def _requests(self) -> Iterator[pb.ModelInferRequest]:
         # Runs on gRPC's request-consuming thread.
@@ -887,6 +897,11 @@ class AsyncInferStream:
     @property
     def max_in_flight(self) -> int:
         return self._state.max_held
+
+    @property
+    def out_of_order(self) -> int:
+        """How many responses arrived after a later batch's (and were put back in order)."""
+        return self._state.out_of_order
 
     def _start(self) -> asyncio.Condition:
         self._cond = asyncio.Condition()

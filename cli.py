@@ -208,6 +208,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_health)
 
     # >>> infer subcommand (owned by the client library's author)
+    def _infer(args: argparse.Namespace) -> int:
+        from bnserve.client.infer import run
+
+        return run(args)
+
+    p = sub.add_parser(
+        "infer", help="classify .npy/.npz/image files on a server, or --demo the digits test set"
+    )
+    p.add_argument("files", nargs="*", type=Path, help=".npy, .npz or image files")
+    p.add_argument(
+        "--target",
+        action="append",
+        metavar="HOST:PORT",
+        help="server address (default 127.0.0.1:8001); repeat or comma-separate for round robin",
+    )
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--model-version", help="model version (default: the server's choice)")
+    p.add_argument("--top-k", type=int, default=3, help="labels printed per sample (3)")
+    p.add_argument("--config", type=Path, help="local config.json: labels and preprocessing")
+    p.add_argument("--demo", action="store_true", help="stream the digits test set: accuracy")
+    p.add_argument("--batch-size", type=int, default=16, help="--demo: rows per request (16)")
+    p.add_argument("--window", type=int, default=16, help="--demo: requests in flight (16)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (30)")
+    p.add_argument("--retries", type=int, default=3, help="retries after UNAVAILABLE (3)")
+    p.add_argument("--token", help="bearer token (default: $BNSERVE_TOKEN)")
+    p.add_argument("--tls-ca", type=Path, help="CA certificates: connect with TLS")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, help="client private key (mutual TLS)")
+    p.add_argument("--tls-server-name", help="name to verify in the server's certificate")
+    p.set_defaults(func=_infer)
     # <<< infer subcommand
 
     # >>> bench subcommand (owned by the load tester's author)

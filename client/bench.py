@@ -621,7 +621,7 @@ async def _open_loop(
         now = clock()
         if scheduled > now:
             await asyncio.sleep(scheduled - now)
-        elif i % 64 == 0:
+        elif i % 8 == 0:
             await asyncio.sleep(0)  # behind schedule: still let the responses in
         if slots.locked():  # the in-flight cap: wait for a slot up to the request's deadline
             try:

@@ -80,6 +80,21 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _strip_stack_traces(proto: onnx.ModelProto) -> None:
+    """The exporter records each node's Python stack trace, absolute paths included: the same
+    model exported from two checkouts would differ byte for byte. Drop just that entry."""
+    node_lists = [proto.graph.node, *(f.node for f in proto.functions)]
+    while node_lists:
+        for node in node_lists.pop():
+            keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+            for attr in node.attribute:  # subgraphs of If / Loop / Scan
+                if attr.HasField("g"):
+                    node_lists.append(attr.g.node)
+                node_lists.extend(g.node for g in attr.graphs)
+
+
 def _example_batch(example: torch.Tensor) -> torch.Tensor:
     # torch.export specializes a dimension seen as 0 or 1: trace with a batch of at least 2.
     return example if example.shape[0] >= 2 else example.repeat(2, *([1] * (example.dim() - 1)))
@@ -126,6 +141,7 @@ def export_onnx(
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     proto = program.model_proto
+    _strip_stack_traces(proto)
     onnx.checker.check_model(proto)
 
     ops = Counter(node.op_type for node in proto.graph.node)

@@ -137,6 +137,8 @@ def write_entry(
         "bn_left_unfolded": report.bn_left,
         "training": {k: v for k, v in vars(cfg).items()},
         "torch_version": torch.__version__.split("+")[0],
+        # Bit-for-bit reproduction needs the same CPU kernels (AVX2 and AVX512 round differently).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "batchnorm": bn_statistics(model, folded),
     }
     config["versions"] = dict(sorted(versions.items(), key=lambda kv: int(kv[0])))

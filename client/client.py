@@ -26,11 +26,15 @@ Streaming semantics (`stream`): each batch gets exactly one outcome, delivered i
 batches were given. Iterating yields results; a batch that failed raises its `InferenceError`
 (with `.index`, the batch's position) from `next()` at its position, and the stream stays usable:
 the next `next()` goes on with the following batch. `InferStream.results()` yields
-`StreamResult`s (value or error, never raising for one batch) instead. If the RPC itself ends
-(server gone, deadline, cancel), every batch sent but not answered fails with that error and
-batches not yet taken from the iterable are not sent. At most `window` batches are outstanding:
-taken from the iterable and not yet handed to the caller (a batch keeps its slot until the caller
-asks for the next result), which bounds both the requests in flight and the reorder buffer.
+`StreamResult`s (value or error, never raising for one batch) instead. If the RPC itself fails
+(server gone, deadline), every batch sent but not answered fails with that error; if batches
+were left to send, the next position fails with it too (so a broken stream never looks like a
+complete one), and the iteration ends. The iterable's own exception is raised after the results
+of the batches taken before it. `close()` ends the iteration quietly.
+
+At most `window` batches are outstanding: taken from the iterable and not yet handed to the
+caller (a batch keeps its slot until the caller asks for the next result), which bounds both the
+requests in flight and the reorder buffer.
 """
 
 from __future__ import annotations
@@ -150,6 +154,13 @@ def _rpc_error(exc: grpc.RpcError, attempts: int = 1) -> InferenceError:
     details = details_fn() if callable(details_fn) else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     return InferenceError(name, details or str(exc), attempts=attempts)
+
+
+def _batch_error(exc: Exception) -> InferenceError:
+    """Why one stream batch could not be turned into a request."""
+    if isinstance(exc, InferenceError):
+        return exc
+    return InferenceError("INVALID_ARGUMENT", f"batch could not be encoded: {exc!r}")
 
 
 _STREAM_ERROR = re.compile(r"\[([A-Z_]+)\] (.*)", re.DOTALL)
@@ -470,7 +481,7 @@ class _Reorder:
     max_answered: int = -1  # the highest index answered so far
     out_of_order: int = 0  # responses that arrived after a later batch's response
     next_index: int = 0  # the next batch to hand to the caller
-    done_taking: bool = False  # the iterable is exhausted (or raised, or the stream ended)
+    done_taking: bool = False  # the iterable is exhausted (or raised)
     finished: bool = False  # the RPC is over
     closed: bool = False
     owed: bool = False  # the caller holds a result whose slot is released on its next call
@@ -561,6 +572,12 @@ class _Reorder:
             self.owed = True
             return outcome
         if i >= self.taken and (self.done_taking or self.finished):
+            if self.finished and not self.done_taking and self.broken is not None:
+                # The RPC failed with batches still to send: say so once, at the position of
+                # the first batch that will not be sent, rather than end as if all went well.
+                self.done_taking = True
+                self.next_index += 1
+                return StreamResult(i, None, self.broken.at(i))
             return _END
         return None
 
@@ -613,7 +630,6 @@ class InferStream:
                 while not s.can_take():
                     cond.wait()
                 if s.stop_taking():
-                    s.done_taking = True
                     cond.notify_all()
                     return
                 index = s.take_slot()
@@ -633,7 +649,8 @@ class InferStream:
                 req = self._client._request(
                     self._model, batch, self._version, self._outputs, str(index)
                 )
-            except InferenceError as err:
+            except Exception as exc:  # raised here, it would only cancel the call silently
+                err = _batch_error(exc)
                 with cond:
                     s.refused(index, err)
                     cond.notify_all()
@@ -932,7 +949,6 @@ class AsyncInferStream:
                 async with cond:
                     await cond.wait_for(s.can_take)
                     if s.stop_taking():
-                        s.done_taking = True
                         cond.notify_all()
                         return
                     index = s.take_slot()
@@ -952,7 +968,8 @@ class AsyncInferStream:
                     req = await self._client._request(
                         self._model, batch, self._version, self._outputs, str(index)
                     )
-                except InferenceError as err:
+                except Exception as exc:
+                    err = _batch_error(exc)
                     async with cond:
                         s.refused(index, err)
                         cond.notify_all()
@@ -960,8 +977,12 @@ class AsyncInferStream:
                 s.sending(index)
                 await call.write(req)
             await call.done_writing()
-        except Exception:  # writing to a call that already ended: the reader reports why
-            return
+        except Exception as exc:
+            if call.done():
+                return  # writing to a call that already ended: the reader reports why
+            # Anything else would leave the call open with nobody writing: end it, say why.
+            s.on_end(InferenceError("INTERNAL", f"stream writer failed: {exc!r}"))
+            call.cancel()
 
     async def _read(self) -> None:
         s, cond, call = self._state, self._cond, self._call

@@ -5,6 +5,7 @@ round_robin over two servers, bearer token and TLS. No mocks."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 import socket
 import subprocess
@@ -585,3 +586,42 @@ def test_mutual_tls(tmp_path: Path) -> None:
             TLSConfig(cert=d / "client.pem").credentials()
     finally:
         rec.stop()
+
+
+def test_stream_to_a_dead_server_fails_each_sent_batch() -> None:
+    port = _free_port()
+    batches = [np.zeros((1, 3), np.float32) for _ in range(5)]
+    with InferenceClient(f"127.0.0.1:{port}", timeout=10) as c:
+        results = list(c.stream("id_fp32", batches, window=2).results())
+    assert 1 <= len(results) <= 5
+    assert [r.index for r in results] == list(range(len(results)))
+    assert all(r.error is not None and r.error.code == "UNAVAILABLE" for r in results)
+
+    async def main() -> list[StreamResult]:
+        async with AsyncInferenceClient(f"127.0.0.1:{port}", timeout=10) as ac:
+            return [r async for r in ac.stream("id_fp32", batches, window=2).results()]
+
+    aresults = asyncio.run(main())
+    assert 1 <= len(aresults) <= 5
+    assert all(r.error is not None and r.error.code == "UNAVAILABLE" for r in aresults)
+
+
+def test_stream_batch_that_cannot_be_encoded(id_client: InferenceClient) -> None:
+    batches: list[Any] = [np.zeros((1, 3), np.float32), {"x": object()}, np.ones((1, 3), "f4")]
+    results = list(id_client.stream("id_fp32", batches).results())
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].error is not None and results[1].error.code == "INVALID_ARGUMENT"
+
+
+@pytest.mark.timeout(60)
+def test_stream_deadline_ends_an_endless_stream(id_client: InferenceClient) -> None:
+    endless = (np.full((1, 3), i, np.float32) for i in itertools.count())
+    results = list(id_client.stream("id_fp32", endless, window=8, timeout=0.5).results())
+    assert [r.index for r in results] == list(range(len(results)))
+    ok = [r for r in results if r.ok]
+    assert ok and all(float(np.asarray(r.result())[0, 0]) == r.index for r in ok)
+    # Batches the server could not finish in time fail in-band, the rest when the RPC ends;
+    # the stream's last outcome is the deadline.
+    failed = [r for r in results if not r.ok]
+    assert failed and all(r.error and r.error.code == "DEADLINE_EXCEEDED" for r in failed)
+    assert not results[-1].ok

@@ -8,6 +8,7 @@ INTERNAL without tearing the server down.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -125,6 +126,18 @@ def _checked(impl: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def _config_parameters(model: ServedModel) -> dict[str, str]:
+    """What a client needs to prepare inputs and read outputs, as Triton-style string
+    parameters holding JSON: the labels and the input preprocessing of config.json."""
+    params = {}
+    if model.config.labels:
+        params["labels"] = json.dumps(list(model.config.labels))
+    preprocessing = model.config.raw.get("preprocessing")
+    if preprocessing:
+        params["preprocessing"] = json.dumps(preprocessing)
+    return params
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -355,6 +368,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             max_queue_size=b.max_queue_size,
             dynamic_batching=model.spec.max_batch_size > 0,
             instance_count=model.loaded.pool.size,
+            parameters=_config_parameters(model),
         )
 
     async def ModelStatistics(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import queue
 import urllib.request
 
@@ -73,6 +74,9 @@ def test_metadata_and_config(target: str) -> None:
     assert config["max_batch_size"] == 64
     assert config["input"][0]["dims"] == ["1", "8", "8"]
     assert config["input"][0]["data_type"] == "TYPE_FP32"
+    params = config["parameters"]
+    assert json.loads(params["labels"]["string_value"]) == [str(d) for d in range(10)]
+    assert json.loads(params["preprocessing"]["string_value"])["layout"] == "NCHW"
     server = client.get_server_metadata(as_json=True)
     assert server["name"] == "bnserve" and "streaming" in server["extensions"]
     index = client.get_model_repository_index(as_json=True)["models"]

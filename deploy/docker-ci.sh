@@ -278,6 +278,7 @@ size_bytes=$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE")
 size_mb=$(awk -v s="$size_bytes" 'BEGIN { printf "%.0f", s / 1e6 }')
 log "built $IMAGE in ${build_secs} s ($cached cached steps): ${size_mb} MB (base $("$DOCKER" image inspect -f '{{.Size}}' "$BASE_IMAGE" | awk '{ printf "%.0f", $1 / 1e6 }') MB)"
 "$DOCKER" image prune -f >/dev/null || true   # dangling images of earlier runs
+"$DOCKER" builder prune -f --keep-storage 1gb >/dev/null || true   # bound the build cache
 
 # The image's own contract: non-root, no torch, the bundled repository, exec-form entrypoint.
 "$DOCKER" run --rm --network host --entrypoint python "$IMAGE" -c '

@@ -89,6 +89,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from bnserve.server.app import serve
     from bnserve.server.config import Settings
 
@@ -97,15 +99,31 @@ def _serve(args: argparse.Namespace) -> int:
         "repo",
         "host",
         "port",
+        "metrics_host",
         "metrics_port",
         "poll",
         "grace",
         "instances",
         "max_message_mb",
         "log_level",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "auth_token_file",
+        "auth_exempt_health",
     )
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    settings = Settings(**given)
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        # One line per problem, named like the flag (the variable is BNSERVE_<NAME>).
+        problems = "; ".join(
+            f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+            if e["loc"]
+            else str(e["msg"]).removeprefix("Value error, ")
+            for e in exc.errors()
+        )
+        raise ValueError(f"invalid settings: {problems}") from None
     logging.getLogger().setLevel(settings.log_level)
     return serve(settings)
 
@@ -114,11 +132,40 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    from bnserve.server.security import read_token_file
+
+    metadata = None
+    if args.token_file is not None:
+        token = read_token_file(args.token_file, "--token-file")
+        metadata = (("authorization", f"Bearer {token}"),)
+    options: list[tuple[str, str]] = []
+    if args.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together (mutual TLS)")
+    if args.tls_ca or args.tls_cert:
+
+        def pem(path: Path | None, flag: str) -> bytes | None:
+            try:
+                return None if path is None else path.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+        creds = grpc.ssl_channel_credentials(
+            pem(args.tls_ca, "--tls-ca"),
+            pem(args.tls_key, "--tls-key"),
+            pem(args.tls_cert, "--tls-cert"),
+        )
+        channel = grpc.secure_channel(args.target, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(args.target, options=options)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.timeout,
+                metadata=metadata,
             )
         except grpc.RpcError as exc:
             print(f"{args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -199,12 +246,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, help="onnxruntime sessions per model (CPU count)")
     p.add_argument("--max-message-mb", type=int, help="gRPC message size limit in MiB (64)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--metrics-host", help="metrics bind address (default: --host)")
+    p.add_argument("--tls-cert", type=Path, help="server certificate chain, PEM: serve TLS")
+    p.add_argument("--tls-key", type=Path, help="server private key, PEM (with --tls-cert)")
+    p.add_argument(
+        "--tls-client-ca", type=Path, help="CA of client certificates, PEM: require mutual TLS"
+    )
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help="file holding a bearer token: calls without `authorization: Bearer <token>` "
+        "get UNAUTHENTICATED",
+    )
+    p.add_argument(
+        "--auth-exempt-health",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="grpc.health.v1.Health needs no token (Kubernetes gRPC probes; default off)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("health", help="grpc.health.v1 probe: exit 0 when SERVING")
     p.add_argument("--target", default="127.0.0.1:8001", help="HOST:PORT")
     p.add_argument("--service", default="", help="a model name; empty = the whole server")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    p.add_argument("--tls-ca", type=Path, help="CA certificates, PEM: connect with TLS")
+    p.add_argument("--tls-cert", type=Path, help="client certificate, PEM (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, help="client private key, PEM (mutual TLS)")
+    p.add_argument("--tls-server-name", help="name to verify in the server's certificate")
+    p.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
     p.set_defaults(func=_health)
 
     # >>> infer subcommand (owned by the client library's author)

@@ -27,6 +27,7 @@ from bnserve.proto import inference_pb2 as pb
 from .config import Settings
 from .metrics import Metrics
 from .repository import Repository
+from .security import BearerTokenInterceptor, read_token_file, server_credentials
 from .servicer import InferenceServicer, ServerState, add_to_server
 from .stats import StatsBook, Tee
 
@@ -49,6 +50,18 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Security first: a bad certificate, key or token file fails before anything is loaded.
+        self.credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+        self.auth: BearerTokenInterceptor | None = None
+        if settings.auth_token_file is not None:
+            self.auth = BearerTokenInterceptor(
+                read_token_file(settings.auth_token_file),
+                exempt_health=settings.auth_exempt_health,
+            )
+        elif settings.auth_exempt_health:
+            log.warning("auth_exempt_health has no effect without auth_token_file")
         self.state = ServerState()
         self.metrics = Metrics()
         self.stats = StatsBook()
@@ -67,7 +80,9 @@ class App:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(
+            options=options, interceptors=[self.auth] if self.auth else None
+        )
         self.port = 0
         self.metrics_port: int | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -98,7 +113,11 @@ class App:
             self.server,
             pool=_reflection_pool(),
         )
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        if self.credentials is not None:
+            self.port = self.server.add_secure_port(address, self.credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {s.host}:{s.port}")
         await self.server.start()
@@ -118,10 +137,16 @@ class App:
             )
         ready = [n for n in self.repository.names() if self.repository.ready(n)]
         log.info(
-            "serving %s on %s:%d (metrics %s) in %.2f s",
+            "serving %s on %s:%d (%s, %s; metrics %s) in %.2f s",
             ", ".join(ready) or "no models",
             s.host,
             self.port,
+            ("mutual TLS" if s.tls_client_ca else "TLS") if s.tls else "plaintext",
+            (
+                "bearer token" + (", health exempt" if s.auth_exempt_health else "")
+                if self.auth
+                else "no auth"
+            ),
             f"{s.metrics_host or s.host}:{self.metrics_port}/metrics"
             if self.metrics_port
             else "off",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 8001
@@ -40,6 +40,18 @@ class Settings(BaseSettings):
     )
     max_message_mb: int = Field(default=64, ge=1, le=2047, description="gRPC message size limit")
     log_level: str = Field(default="INFO")
+    # Security (docs/security.md). Files are read and checked once at start (server/security.py).
+    tls_cert: Path | None = Field(default=None, description="server certificate chain (PEM)")
+    tls_key: Path | None = Field(default=None, description="server private key (PEM)")
+    tls_client_ca: Path | None = Field(
+        default=None, description="CA of client certificates: mutual TLS required"
+    )
+    auth_token_file: Path | None = Field(
+        default=None, description="file holding the bearer token every call must carry"
+    )
+    auth_exempt_health: bool = Field(
+        default=False, description="let grpc.health.v1.Health through without a token"
+    )
 
     @field_validator("log_level")
     @classmethod
@@ -48,6 +60,21 @@ class Settings(BaseSettings):
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = (
+                ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
+            )
+            raise ValueError(f"{given} needs {missing}: give the TLS certificate and key together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def max_message_bytes(self) -> int:

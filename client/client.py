@@ -68,6 +68,8 @@ from google.protobuf.message import Message
 
 from bnserve.proto import inference_pb2 as pb
 from bnserve.proto import inference_pb2_grpc as pb_grpc
+from bnserve.proto.datatypes import CONTENTS_FIELD
+from bnserve.proto.datatypes import DATATYPES as _DATATYPES
 
 __all__ = [
     "DATATYPES",
@@ -85,37 +87,11 @@ MiB = 1024 * 1024
 # The server's default limit is 64 MiB; the client accepts more so it is never the bottleneck.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * MiB
 
-# Open Inference Protocol datatype -> numpy dtype, little-endian as on the wire. A copy of the
-# server's table (bnserve.server.types): the client does not depend on the server package.
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
+# Open Inference Protocol datatype -> numpy dtype, little-endian as on the wire.
+DATATYPES = _DATATYPES
 _TO_DATATYPE: dict[np.dtype, str] = {v: k for k, v in DATATYPES.items()}
 # Typed `contents` members, for servers that answer without raw_output_contents.
-_CONTENTS_MEMBER = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
+_CONTENTS_MEMBER = CONTENTS_FIELD
 
 InferResult: TypeAlias = np.ndarray | dict[str, np.ndarray]
 Inputs: TypeAlias = np.ndarray | Mapping[str, np.ndarray]

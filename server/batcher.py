@@ -47,8 +47,12 @@ log = logging.getLogger(__name__)
 Outcome = Literal["ok", "error", "deadline", "cancelled", "overloaded", "shutdown"]
 
 
+# A finished batch: (per-request outputs, compute seconds), or what it raised.
+_Outcome = tuple[list[dict[str, np.ndarray]], float] | Exception
+
 # Batches faster than this (moving average) run on the event-loop thread (see Batcher).
 INLINE_COMPUTE_S = 200e-6
+
 
 class BatchObserver(Protocol):
     """Callbacks for metrics; all are called on the event loop thread and must not block.
@@ -371,49 +375,46 @@ class Batcher:
         return batch
 
     async def _run_batch(self, batch: list[_Request]) -> None:
-        assert self._sem is not None and self._wakeup is not None
         loop = asyncio.get_running_loop()
-        rows = sum(r.rows for r in batch)
         try:
-            results, compute_s = await loop.run_in_executor(
+            outcome: _Outcome = await loop.run_in_executor(
                 self._executor, self._compute, [r.arrays for r in batch], [r.rows for r in batch]
             )
         except asyncio.CancelledError:
             # close() gave up at its grace deadline; the thread finishes on its own.
             self._fail(batch, ShuttingDownError("server shut down before the batch finished"))
-            raise
-        except BnserveError as exc:
-            self._fail(batch, exc)
-        except Exception as exc:  # a bug in concatenate/split: still answer every request
-            log.exception("batch of %d rows failed", rows)
-            self._fail(batch, BnserveError(f"inference failed: {exc}"))
-        else:
-            self._deliver(batch, rows, results, compute_s)
-        finally:
             self._batch_done()
+            raise
+        except Exception as exc:
+            outcome = exc
+        self._settle(batch, outcome)
 
     def _run_inline(self, batch: list[_Request]) -> None:
         """_run_batch without the thread hop, for models whose batches take microseconds."""
-        rows = sum(r.rows for r in batch)
         try:
-            results, compute_s = self._compute([r.arrays for r in batch], [r.rows for r in batch])
-        except BnserveError as exc:
-            self._fail(batch, exc)
+            outcome: _Outcome = self._compute([r.arrays for r in batch], [r.rows for r in batch])
         except Exception as exc:
-            log.exception("batch of %d rows failed", rows)
-            self._fail(batch, BnserveError(f"inference failed: {exc}"))
-        else:
-            self._deliver(batch, rows, results, compute_s)
+            outcome = exc
+        self._settle(batch, outcome)
+
+    def _settle(self, batch: list[_Request], outcome: _Outcome) -> None:
+        """Answer every request of a finished batch, then free its session."""
+        try:
+            if isinstance(outcome, BnserveError):
+                self._fail(batch, outcome)
+            elif isinstance(outcome, Exception):  # a bug in concatenate/split: still answer
+                rows = sum(r.rows for r in batch)
+                log.error("batch of %d rows failed", rows, exc_info=outcome)
+                self._fail(batch, BnserveError(f"inference failed: {outcome}"))
+            else:
+                self._deliver(batch, *outcome)
         finally:
             self._batch_done()
 
     def _deliver(
-        self,
-        batch: list[_Request],
-        rows: int,
-        results: list[dict[str, np.ndarray]],
-        compute_s: float,
+        self, batch: list[_Request], results: list[dict[str, np.ndarray]], compute_s: float
     ) -> None:
+        rows = sum(r.rows for r in batch)
         ewma = self._compute_ewma_s
         self._compute_ewma_s = compute_s if ewma is None else 0.9 * ewma + 0.1 * compute_s
         self._notify(lambda o: o.on_batch(rows, len(batch), compute_s))

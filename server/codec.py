@@ -20,6 +20,7 @@ from typing import Final
 
 import numpy as np
 
+from bnserve.proto.datatypes import CONTENTS_FIELD
 from bnserve.proto.inference_pb2 import (
     DataType,
     InferParameter,
@@ -62,20 +63,7 @@ ParamValue = bool | int | str | float
 
 # Typed-contents member carrying each datatype, its wire dtype, and the value range when the wire
 # type is wider than the tensor's (INT8 travels as int32, UINT16 as uint32, ...).
-_TYPED_FIELD: Final[dict[str, str]] = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
+_TYPED_FIELD: Final[dict[str, str]] = CONTENTS_FIELD
 _TYPED_FIELDS: Final = tuple(sorted(set(_TYPED_FIELD.values())))
 _WIRE_DTYPE: Final[dict[str, np.dtype]] = {
     "bool_contents": np.dtype(np.bool_),

@@ -10,21 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnserve.proto.datatypes import DATATYPES
+
 # Open Inference Protocol datatype -> numpy dtype (little-endian, as on the wire).
-V2_TO_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
+V2_TO_NUMPY: dict[str, np.dtype] = DATATYPES
 NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items()}
 
 # onnxruntime's type strings ("tensor(float)") -> Open Inference Protocol datatype.

@@ -347,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-inflight", type=int, default=10_000, help="open loop: in-flight cap (10000)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random input")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="re-send a request failed with UNAVAILABLE to the next target, up to N times (0)",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     p.add_argument(
         "--plot", type=Path, metavar="FILE.png", help="latency histogram + throughput over time"

@@ -43,17 +43,43 @@ inside but finished after it. Open loop also reports the achieved send rate
 (``send_rate_rps``: requests of the window sent, divided by the time from the window's start
 to its last send, at least ``duration``) and the send lag (actual minus scheduled send time).
 
+Retries (``retries=N``, ``--retries N``; default 0: none)
+---------------------------------------------------------
+Only UNAVAILABLE is retried (the server is unreachable, died, or is draining; inference is a
+pure function of its input, so a re-send is safe); any other code is final. A request failed
+with UNAVAILABLE is re-sent to the NEXT target (target k -> k+1 in the order given, wrapping) up
+to N times, each re-send after a full-jitter pause of ``uniform(0, min(0.1 s, 0.01 s *
+2**(n-1)))`` for the n-th retry, and never past the request's deadline (``timeout`` covers all
+attempts; a pause that would end after it makes the UNAVAILABLE final). Unary: the RPC's status.
+Stream: an in-band ``[UNAVAILABLE]`` answer, or the request being in flight on a stream that
+breaks with UNAVAILABLE (its server died: gRPC's status for a lost connection; or the server
+ended the stream; a stream failing with another status fails its requests with that status,
+final) -- it is re-sent on a live stream of the next target, a new stream being opened there
+when it has none (at most one opening per target per 0.1 s; meanwhile requests for that target
+fail fast with UNAVAILABLE and go on to the next). Without retries a broken stream stays broken,
+as do its requests. A request keeps its id through its retries (ids are unique per logical
+request), is counted once by its final outcome, and its latency runs from its first send (start)
+to its final answer, pauses included. ``retried`` counts the re-sends of the whole run (warm-up
+included); ``ok_by_target`` the successful answers received from each target (warm-up included):
+for a server that stayed up and served only this run, it equals the growth of its success
+counter.
+
 Transport
 ---------
 grpc.aio (on uvloop when it is installed). Every target gets one channel; requests go to the
-targets in turn (round robin per request, one channel per target). The input is random data of
-the model's input shape from ModelMetadata (batch axis = ``batch``, other variable dims = 1),
-built and serialized ONCE; each request is that byte string plus a varying ``id`` field
-appended (protobuf merges a trailing field into the message), sent through identity
-serializers, responses not parsed in unary mode. ``mode="stream"``: requests ride on
-``streams`` ModelStreamInfer streams (default: one per target), assigned in turn; responses
-are matched to requests by id, an in-band ``error_message`` ("[CODE] detail") counts as an
-error with that code.
+targets in turn (round robin per request, one channel per target; retries to the next
+target). The input is random data of the model's input shape from ModelMetadata (batch axis =
+``batch``, other variable dims = 1), built and serialized ONCE; each request is that byte
+string plus a varying ``id`` field appended (protobuf merges a trailing field into the
+message), sent through identity serializers, responses not parsed in unary mode.
+``mode="stream"``: requests ride on ``streams`` ModelStreamInfer streams (default: one per
+target; stream k on target k modulo the number of targets), assigned in turn; responses are
+matched to requests by id, an in-band ``error_message`` ("[CODE] detail") counts as an error
+with that code.
+
+JSON (``to_json``, ``--json``): the fields of BenchResult, among them ``requests``, ``ok``,
+``errors``, ``errors_by_code``, ``throughput_rps``, ``latency_ms``, ``retries`` (the configured
+maximum per request), ``retried`` (re-sends made) and ``ok_by_target``.
 """
 
 from __future__ import annotations
@@ -63,6 +89,7 @@ import dataclasses
 import json
 import logging
 import math
+import random
 import re
 import sys
 import time
@@ -96,6 +123,10 @@ PERCENTILES: tuple[tuple[str, float], ...] = (
 NOT_SENT = "NOT_SENT"
 CANCELLED = "CANCELLED"
 CLIENT_ERROR = "CLIENT_ERROR"
+UNAVAILABLE = "UNAVAILABLE"  # the only code retried (--retries)
+RETRY_BACKOFF_S = 0.01  # full jitter: the n-th retry waits uniform(0, min(cap, base * 2**(n-1)))
+RETRY_MAX_BACKOFF_S = 0.1
+STREAM_REOPEN_S = 0.1  # with retries: a dead target gets a new stream at most this often
 
 _DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
@@ -138,6 +169,7 @@ class BenchConfig:
     timeout: float = 10.0
     max_inflight: int = DEFAULT_MAX_INFLIGHT  # open loop only
     seed: int = 0
+    retries: int = 0  # re-sends of a request that failed with UNAVAILABLE, to the next target
     progress: bool = True  # a tqdm bar on stderr; off anyway when stderr is not a TTY
 
     def __post_init__(self) -> None:
@@ -168,6 +200,8 @@ class BenchConfig:
             raise ValueError(f"timeout must be > 0, got {self.timeout}")
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
 
     @property
     def open_loop(self) -> bool:
@@ -213,6 +247,9 @@ class BenchResult:
     warmup_requests: int
     warmup_ok: int
     late_responses: int  # stream mode: answers that came after their request had expired
+    retries: int  # the configured maximum per request
+    retried: int  # retries made (re-sends after UNAVAILABLE), warm-up included
+    ok_by_target: dict[str, int]  # successful answers received per target, warm-up included
     request_bytes: int
     inputs: dict[str, list[int]]
     wall_s: float
@@ -396,8 +433,9 @@ class _Recorder:
 
 # --- transports ------------------------------------------------------------------------------
 
-# One request whose deadline is t0 + timeout (t0: the actual send time in closed loop, the
-# scheduled one in open loop); returns None for OK, else the status code name.
+# One logical request whose deadline is t0 + timeout (t0: the actual send time in closed loop,
+# the scheduled one in open loop), retries included; returns None for OK, else the status code
+# name of its last attempt.
 Send = Callable[[float], Awaitable[str | None]]
 
 
@@ -408,21 +446,66 @@ def _code(exc: BaseException) -> str:
     return CLIENT_ERROR
 
 
+class _Retry:
+    """UNAVAILABLE-only retries: at most `retries` more attempts, each after a full-jitter pause
+    (uniform over [0, min(RETRY_MAX_BACKOFF_S, RETRY_BACKOFF_S * 2**n)], n = retries made so
+    far), never past the request's deadline."""
+
+    __slots__ = ("_rng", "retries")
+
+    def __init__(self, retries: int) -> None:
+        self.retries = retries
+        self._rng = random.Random()
+
+    def pause(self, code: str | None, made: int, deadline: float) -> float | None:
+        """Seconds to wait before retrying, or None: `code` is final."""
+        if code != UNAVAILABLE or made >= self.retries:
+            return None
+        pause = self._rng.uniform(0.0, min(RETRY_MAX_BACKOFF_S, RETRY_BACKOFF_S * 2**made))
+        if clock() + pause >= deadline:
+            return None
+        return pause
+
+
 class _Unary:
-    def __init__(self, channels: Sequence[grpc.aio.Channel], ids: _Ids, timeout: float) -> None:
+    def __init__(
+        self, channels: Sequence[grpc.aio.Channel], ids: _Ids, timeout: float, retries: int
+    ) -> None:
         # No serializers: bytes go out as they are, responses come back unparsed.
         self._calls = [ch.unary_unary(INFER_METHOD) for ch in channels]
         self._n = len(self._calls)
         self._i = 0
         self._ids = ids
         self._timeout = timeout
+        self._retry = _Retry(retries)
+        self.retried = 0
+        self.ok_by_target = [0] * self._n
 
     async def send(self, t0: float) -> str | None:
-        call = self._calls[self._i % self._n]
+        k = self._i % self._n
         self._i += 1
-        payload, _ = self._ids.next()
+        payload, _ = self._ids.next()  # one id per logical request: its retries carry it too
+        deadline = t0 + self._timeout
+        made = 0
+        while True:
+            code = await self._attempt(self._calls[k], payload, deadline)
+            if code is None:
+                self.ok_by_target[k] += 1
+                return None
+            pause = self._retry.pause(code, made, deadline)
+            if pause is None:
+                return code
+            await asyncio.sleep(pause)
+            made += 1
+            self.retried += 1
+            k = (k + 1) % self._n  # the next target
+
+    @staticmethod
+    async def _attempt(
+        call: grpc.aio.UnaryUnaryMultiCallable, payload: bytes, deadline: float
+    ) -> str | None:
         try:
-            await call(payload, timeout=t0 + self._timeout - clock())
+            await call(payload, timeout=deadline - clock())
         except grpc.aio.AioRpcError as exc:
             return str(exc.code().name)
         except asyncio.CancelledError:
@@ -436,13 +519,15 @@ class _Unary:
 
 
 class _Stream:
-    """One ModelStreamInfer call: a writer task (grpc.aio allows one write at a time, and a
-    cancelled write would kill the call) and a reader task resolving futures by id."""
+    """One ModelStreamInfer call to target number `target`: a writer task (grpc.aio allows one
+    write at a time, and a cancelled write would kill the call) and a reader task resolving
+    futures by id."""
 
-    def __init__(self, channel: grpc.aio.Channel, owner: _Streams) -> None:
+    def __init__(self, channel: grpc.aio.Channel, target: int, owner: _Streams) -> None:
         self.call = channel.stream_stream(
             STREAM_METHOD, response_deserializer=pb.ModelStreamInferResponse.FromString
         )()
+        self.target = target
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.owner = owner
         loop = asyncio.get_running_loop()
@@ -458,7 +543,7 @@ class _Stream:
                 await call.write(payload)
             await call.done_writing()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            self._die(_code(exc) if isinstance(exc, grpc.aio.AioRpcError) else "UNAVAILABLE")
+            self._die(_code(exc) if isinstance(exc, grpc.aio.AioRpcError) else UNAVAILABLE)
 
     async def _read(self) -> None:
         pending = self.owner.pending
@@ -479,25 +564,44 @@ class _Stream:
         except grpc.aio.AioRpcError as exc:
             self._die(_code(exc))
         else:
-            self._die("UNAVAILABLE")  # the server ended the stream
+            self._die(UNAVAILABLE)  # the server ended the stream
 
     def _die(self, code: str) -> None:
         if self.dead is None:
             self.dead = code
+            self.queue.put_nowait(None)  # let the writer end
         self.owner.fail_stream(self, code)
 
 
 class _Streams:
+    """`n` streams; stream k goes to target k % len(targets). With retries, a request failed
+    with UNAVAILABLE (in-band, or in flight on a stream that broke) is re-sent on a live
+    stream of the next target; a target whose streams are all dead gets a new one (at most one
+    opening per STREAM_REOPEN_S per target; meanwhile its requests fail fast, and are retried)."""
+
     def __init__(
-        self, channels: Sequence[grpc.aio.Channel], n: int, ids: _Ids, timeout: float
+        self,
+        channels: Sequence[grpc.aio.Channel],
+        n: int,
+        ids: _Ids,
+        timeout: float,
+        retries: int,
     ) -> None:
         self.pending: dict[str, tuple[float, asyncio.Future[str | None], _Stream]] = {}
         self.late = 0
-        self._streams = [_Stream(channels[k % len(channels)], self) for k in range(n)]
+        self.retried = 0
+        self._channels = list(channels)
+        self._t = len(self._channels)
+        self.ok_by_target = [0] * self._t
+        self._reopen_at = [0.0] * self._t
+        self._streams = [_Stream(self._channels[k % self._t], k % self._t, self) for k in range(n)]
+        self._spare: dict[int, _Stream] = {}  # retries to a target none of the n streams serve
+        self._opened = list(self._streams)  # everything to close
         self._n = n
         self._i = 0
         self._ids = ids
         self._timeout = timeout
+        self._retry = _Retry(retries)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     def fail_stream(self, stream: _Stream, code: str) -> None:
@@ -519,27 +623,89 @@ class _Streams:
                 if not fut.done():
                     fut.set_result("DEADLINE_EXCEEDED")
 
+    def _reopen(self, target: int) -> _Stream | None:
+        """A new stream to `target`, unless one was opened there less than STREAM_REOPEN_S ago
+        (only with retries: without, a dead stream stays dead, its requests fail fast)."""
+        now = clock()
+        if not self._retry.retries or now < self._reopen_at[target]:
+            return None
+        self._reopen_at[target] = now + STREAM_REOPEN_S
+        stream = _Stream(self._channels[target], target, self)
+        self._opened.append(stream)
+        return stream
+
+    def _slot(self, k: int) -> _Stream:
+        stream = self._streams[k]
+        if stream.dead is not None and (fresh := self._reopen(stream.target)) is not None:
+            self._streams[k] = stream = fresh
+        return stream
+
+    def _on_target(self, target: int) -> _Stream | None:
+        """A live stream to `target` (its slots in turn, then the spare), else a new one, else
+        None (reopening throttled)."""
+        slots = range(target, self._n, self._t)
+        if slots:
+            start = self._i // self._t
+            for j in range(len(slots)):
+                k = slots[(start + j) % len(slots)]
+                if self._streams[k].dead is None:
+                    return self._streams[k]
+            fresh = self._reopen(target)
+            if fresh is not None:
+                self._streams[slots[start % len(slots)]] = fresh
+            return fresh
+        spare = self._spare.get(target)
+        if spare is not None and spare.dead is None:
+            return spare
+        fresh = self._reopen(target)
+        if fresh is not None:
+            self._spare[target] = fresh
+        return fresh
+
     async def send(self, t0: float) -> str | None:
-        stream = self._streams[self._i % self._n]
+        first = self._slot(self._i % self._n)
         self._i += 1
-        if stream.dead is not None:
-            return stream.dead
-        payload, sid = self._ids.next()
+        payload, sid = self._ids.next()  # one id per logical request: its retries carry it too
+        deadline = t0 + self._timeout
+        stream: _Stream | None = first
+        target = first.target
+        made = 0
+        while True:
+            if stream is None:
+                code: str | None = UNAVAILABLE  # no stream to that target for now: fail fast
+            elif stream.dead is not None:
+                code = stream.dead
+            else:
+                code = await self._attempt(stream, payload, sid, t0)
+                if code is None:
+                    self.ok_by_target[target] += 1
+                    return None
+            pause = self._retry.pause(code, made, deadline)
+            if pause is None:
+                return code
+            await asyncio.sleep(pause)
+            made += 1
+            self.retried += 1
+            target = (target + 1) % self._t
+            stream = self._on_target(target)
+
+    async def _attempt(self, stream: _Stream, payload: bytes, sid: str, t0: float) -> str | None:
         fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.pending[sid] = (t0, fut, stream)
         stream.queue.put_nowait(payload)
         try:
             return await fut
         finally:
-            self.pending.pop(sid, None)
+            if (entry := self.pending.get(sid)) is not None and entry[1] is fut:
+                del self.pending[sid]
 
     async def close(self) -> None:
         self._sweeper.cancel()
-        for s in self._streams:
+        for s in self._opened:
             s.queue.put_nowait(None)
-        tasks = [t for s in self._streams for t in (s.writer, s.reader)]
+        tasks = [t for s in self._opened for t in (s.writer, s.reader)]
         _, stuck = await asyncio.wait(tasks, timeout=STREAM_CLOSE_S)
-        for s in self._streams:
+        for s in self._opened:
             if not s.call.done():
                 s.call.cancel()
         for t in (*stuck, self._sweeper):
@@ -728,9 +894,9 @@ async def bench(config: BenchConfig) -> BenchResult:
     transport: _Unary | _Streams
     try:
         if config.mode == "stream":
-            transport = _Streams(channels, config.n_streams, ids, config.timeout)
+            transport = _Streams(channels, config.n_streams, ids, config.timeout, config.retries)
         else:
-            transport = _Unary(channels, ids, config.timeout)
+            transport = _Unary(channels, ids, config.timeout, config.retries)
         loop = asyncio.get_running_loop()
         t_start = clock()
         t_measure = t_start + config.warmup
@@ -752,8 +918,7 @@ async def bench(config: BenchConfig) -> BenchResult:
     finally:
         for ch in channels:
             await ch.close()
-    late = transport.late if isinstance(transport, _Streams) else 0
-    return _result(config, workload, rec, t_measure, late, clock() - wall)
+    return _result(config, workload, rec, t_measure, transport, clock() - wall)
 
 
 def _result(
@@ -761,7 +926,7 @@ def _result(
     workload: Workload,
     rec: _Recorder,
     t_measure: float,
-    late: int,
+    transport: _Unary | _Streams,
     wall_s: float,
 ) -> BenchResult:
     lat = np.asarray(rec.latencies, dtype=np.float64)
@@ -801,7 +966,10 @@ def _result(
         send_lag_ms=send_lag,
         warmup_requests=rec.warm,
         warmup_ok=rec.warm_ok,
-        late_responses=late,
+        late_responses=transport.late if isinstance(transport, _Streams) else 0,
+        retries=config.retries,
+        retried=transport.retried,
+        ok_by_target=_by_target(config.targets, transport.ok_by_target),
         request_bytes=len(workload.payload),
         inputs=workload.inputs,
         wall_s=round(wall_s, 3),
@@ -810,6 +978,13 @@ def _result(
         done_ok_s=done_ok,
         done_err_s=done_err,
     )
+
+
+def _by_target(targets: Sequence[str], counts: Sequence[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t, n in zip(targets, counts, strict=True):  # a target given twice: one entry, summed
+        out[t] = out.get(t, 0) + n
+    return out
 
 
 def _runner() -> asyncio.Runner:
@@ -864,6 +1039,13 @@ def render(result: BenchResult) -> str:
         lines.append("  errors       " + ", ".join(f"{c} {n}" for c, n in r.errors_by_code.items()))
     if r.late_responses:
         lines.append(f"  late         {r.late_responses} answers after their deadline")
+    if r.retries:
+        lines.append(
+            f"  retried      {r.retried} re-sends after UNAVAILABLE (up to {r.retries} per "
+            "request, to the next target)"
+        )
+    if len(r.ok_by_target) > 1:
+        lines.append("  ok by target " + ", ".join(f"{t} {n}" for t, n in r.ok_by_target.items()))
     return "\n".join(lines)
 
 
@@ -934,6 +1116,7 @@ def config_from_args(args: Any) -> BenchConfig:
         timeout=args.timeout,
         max_inflight=args.max_inflight,
         seed=args.seed,
+        retries=getattr(args, "retries", 0),
         progress=not args.no_progress,
     )
 

@@ -7,6 +7,7 @@ the load tester sent is accounted for exactly once.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,14 +15,30 @@ from pathlib import Path
 
 import pytest
 
-from bnserve.client.bench import BenchConfig, BenchResult, _Ids, build_workload, run_bench
+from bnserve.client.bench import (
+    BenchConfig,
+    BenchResult,
+    _Ids,
+    build_workload,
+    render,
+    run_bench,
+)
 from bnserve.proto import inference_pb2 as pb
 from bnserve.server.app import App, serve_in_thread
 from bnserve.server.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "model_repository"
-JSON_KEYS = {"requests", "errors", "throughput_rps", "samples_per_s", "latency_ms"}
+JSON_KEYS = {
+    "requests",
+    "errors",
+    "throughput_rps",
+    "samples_per_s",
+    "latency_ms",
+    "retries",
+    "retried",
+    "ok_by_target",
+}
 LATENCY_KEYS = ["p50", "p90", "p99", "p999", "max"]
 
 pytestmark = pytest.mark.timeout(120)
@@ -164,6 +181,8 @@ def test_cli_writes_table_json_and_plot(target: str, tmp_path: Path) -> None:
         "4",
         "--mode",
         "stream",
+        "--retries",
+        "2",
         "--json",
         str(out_json),
         "--plot",
@@ -177,6 +196,8 @@ def test_cli_writes_table_json_and_plot(target: str, tmp_path: Path) -> None:
     assert doc.keys() >= JSON_KEYS
     assert doc["errors"] == 0 and doc["requests"] > 0
     assert doc["batch"] == 4 and doc["inputs"] == {"input": [4, 1, 8, 8]}
+    assert doc["retries"] == 2 and doc["retried"] == 0  # one healthy target: nothing to retry
+    assert doc["ok_by_target"] == {target: doc["ok"] + doc["warmup_ok"]}
     assert doc["samples_per_s"] == pytest.approx(4 * doc["throughput_rps"], rel=1e-3)
     data = out_png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -206,4 +227,107 @@ def test_config_is_validated() -> None:
         BenchConfig(model="digits", duration=0)
     with pytest.raises(ValueError, match="batch axis"):
         build_workload("m", "", [("x", "FP32", [3, 4])], batch=2)
+    with pytest.raises(ValueError, match="retries"):
+        BenchConfig(model="digits", retries=-1)
     assert BenchConfig(model="m", targets="h:1").targets == ("h:1",)
+    assert BenchConfig(model="m").retries == 0
+
+
+# --- retries: UNAVAILABLE only, to the next target --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dead() -> str:
+    """A loopback address nobody listens on: every call to it fails fast with UNAVAILABLE."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_retries_move_unavailable_requests_to_the_next_target(
+    app: App, target: str, dead: str, mode: str
+) -> None:
+    before = _successes(app)
+    result = run_bench(
+        BenchConfig(
+            targets=(target, dead),
+            model="digits",
+            concurrency=4,
+            duration=1.5,
+            warmup=0.2,
+            mode=mode,  # type: ignore[arg-type]
+            retries=3,
+            progress=False,
+        )
+    )
+    delta = _successes(app) - before
+    assert result.errors == 0, result.errors_by_code
+    assert result.requests == result.ok > 0
+    assert result.retries == 3
+    # Half the requests go to the dead target first: each is retried once, on the live one.
+    assert result.retried > 0.3 * (result.requests + result.warmup_requests)
+    assert result.ok_by_target == {target: result.ok + result.warmup_ok, dead: 0}
+    assert result.ok + result.warmup_ok == delta  # a retried request is answered once
+    doc = _check_json(result)
+    assert doc["retried"] == result.retried and doc["retries"] == 3
+    assert "retried" in render(result)
+
+
+def test_without_retries_unavailable_is_an_error(target: str, dead: str) -> None:
+    result = run_bench(
+        BenchConfig(
+            targets=(target, dead),
+            model="digits",
+            concurrency=1,
+            duration=1.0,
+            warmup=0.0,
+            progress=False,
+        )
+    )
+    assert result.retried == 0 and result.retries == 0
+    assert result.errors_by_code == {"UNAVAILABLE": result.requests // 2}
+    assert result.ok == result.requests - result.requests // 2
+    assert "retried" not in render(result)
+
+
+def test_retries_are_bounded(target: str, dead: str) -> None:
+    """retries=1 over (live, dead, dead), one worker: request i goes to target i % 3 first; from
+    target 1 its one retry reaches target 2, dead too (final UNAVAILABLE); from target 2 it
+    reaches the live target 0."""
+    result = run_bench(
+        BenchConfig(
+            targets=(target, dead, dead),
+            model="digits",
+            concurrency=1,
+            duration=1.0,
+            warmup=0.0,
+            retries=1,
+            progress=False,
+        )
+    )
+    n = result.requests
+    assert result.errors_by_code == {"UNAVAILABLE": (n + 1) // 3}
+    assert result.ok == n - (n + 1) // 3
+    assert result.retried == (n + 1) // 3 + n // 3
+
+
+def test_only_unavailable_is_retried(target: str, dead: str) -> None:
+    """An unknown model over (live, dead), one worker: NOT_FOUND from the live target is final;
+    a request sent to the dead target first is retried once, and gets NOT_FOUND."""
+    result = run_bench(
+        BenchConfig(
+            targets=(target, dead),
+            model="no-such-model",
+            concurrency=1,
+            duration=1.0,
+            warmup=0.0,
+            retries=3,
+            progress=False,
+        )
+    )
+    n = result.requests
+    assert n > 0
+    assert result.errors_by_code == {"NOT_FOUND": n}
+    assert result.retried == n // 2  # requests 1, 3, 5, ... start on the dead target

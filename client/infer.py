@@ -3,9 +3,9 @@
 Files: .npy / .npz arrays (already preprocessed; with or without the batch axis) and images
 (PNG, JPEG, ... via Pillow, imported only when an image is given), preprocessed as the model's
 config.json says. The client cannot read the server's files, so labels and preprocessing come
-from the ModelConfig RPC's `parameters` ("labels": JSON list, "preprocessing": JSON object) when
-the server sends them, else from a local config.json (`--config`, default
-model_repository/<model>/config.json when it exists).
+from an explicit `--config` file, else from the ModelConfig RPC's `parameters` ("labels": JSON
+list, "preprocessing": JSON object, which bnserve's server sends), else from
+model_repository/<model>/config.json when it exists.
 
 Imports no torch and nothing of bnserve.server; scikit-learn only for --demo.
 """
@@ -77,12 +77,15 @@ def model_info(
     served = version or max(meta["versions"] or ["1"], key=int)
     local = _local_config(model, config_path)
     params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-    labels = json.loads(params["labels"]) if params.get("labels") else local.get("labels")
-    prep = (
-        json.loads(params["preprocessing"])
-        if params.get("preprocessing")
-        else local.get("preprocessing")
-    )
+    # An explicit --config wins; then what the server says; then the default local file.
+    served_labels = json.loads(params["labels"]) if params.get("labels") else None
+    served_prep = json.loads(params["preprocessing"]) if params.get("preprocessing") else None
+    if config_path is not None:
+        labels = local.get("labels", served_labels)
+        prep = local.get("preprocessing", served_prep)
+    else:
+        labels = served_labels if served_labels is not None else local.get("labels")
+        prep = served_prep if served_prep is not None else local.get("preprocessing")
     recorded = local.get("versions", {}).get(str(served), {}).get("accuracy")
     return ModelInfo(
         name=model,

@@ -1,0 +1,1068 @@
+#!/usr/bin/env python
+"""The performance suite: bnserve over gRPC against onnxruntime in-process, same model files.
+
+    .venv/bin/python bench/suite.py                 # full run (~4-5 min), docs/performance.md
+    .venv/bin/python bench/suite.py --quick         # shorter runs (< 2 min)
+    .venv/bin/python bench/suite.py --quick --out /tmp/perf.md --duration 0.5 --warmup 0.2 \
+        --ort-duration 0.1                          # smoke test (tests/bench/test_suite.py)
+
+What it does, in one process (see bench/README.md for the method):
+
+1. onnxruntime in-process, with the server's own session options (1 intra-op thread,
+   ORT_ENABLE_ALL): for digits and vol3d, samples/s at batch 1, 4, 16, 64 with 1 session and
+   with 2 sessions driven by 2 threads; CPU per sample (time.process_time) at batch 1, 1 session.
+2. The server as a subprocess (`python -m bnserve.cli serve`, the bundled model_repository):
+   time to ready (process start -> grpc.health.v1 SERVING, polled) and VmRSS with both models
+   loaded.
+3. `run_bench` (bnserve.client.bench) in this process -- the client shares the cores with the
+   server, as it would on a 2-core box -- for every run in RUNS; for each, the server's CPU
+   seconds (utime + stime from /proc/<pid>/stat: all its threads, reaped children, and any live
+   descendants) over the whole run, divided by every request the run sent (warm-up included,
+   since the CPU window includes the warm-up).
+4. docs/performance.md (tables, targets with PASS/FAIL, peers' figures for reference) and two
+   PNG plots next to it (img/).
+
+Run from anywhere; bench/ is not a package, this file is run as a script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REPO = ROOT / "model_repository"
+DEFAULT_OUT = ROOT / "docs" / "performance.md"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# (model, mode, concurrency, batch): the runs against the server, in this order.
+RUNS: tuple[tuple[str, str, int, int], ...] = (
+    ("digits", "unary", 1, 1),
+    ("digits", "stream", 1, 1),
+    ("digits", "unary", 4, 1),
+    ("digits", "stream", 4, 1),
+    ("digits", "unary", 16, 1),
+    ("digits", "stream", 16, 1),
+    ("vol3d", "unary", 16, 1),
+    ("vol3d", "stream", 16, 1),
+)
+ORT_MODELS = ("digits", "vol3d")
+ORT_BATCHES = (1, 4, 16, 64)
+ORT_SESSIONS = (1, 2)
+
+
+@dataclass(frozen=True)
+class Durations:
+    run_s: float  # measured window of each server run
+    warmup_s: float  # warm-up of each server run (inside the CPU window, counted)
+    ort_s: float  # each in-process measurement
+    idle_s: float  # the server's idle CPU, measured once after ready
+    settle_s: float  # pause between runs (outside every CPU window)
+
+
+FULL = Durations(run_s=20.0, warmup_s=2.0, ort_s=3.0, idle_s=2.0, settle_s=0.5)
+QUICK = Durations(run_s=4.0, warmup_s=1.0, ort_s=0.5, idle_s=0.5, settle_s=0.2)
+
+# Peers, same models on this kind of machine, client on the same 2 cores (../shared/FACTS.md).
+PEERS: tuple[tuple[str, str], ...] = (
+    (
+        "Triton 2.51 (Python backend calling onnxruntime), digits c16 unary",
+        "4,040 req/s (FACTS.md's runs: 700 default, 3,627 with its dynamic batcher)",
+    ),
+    (
+        "MLServer 1.7.1, digits c16 unary (inference inline)",
+        "2,564 req/s (3,313 adaptive batching)",
+    ),
+    ("MLServer 1.7.1, digits c16 stream", "5,472 req/s"),
+    ("Triton / MLServer, vol3d (Conv3d net)", "230-330 samples/s (0.21-0.54 of in-process)"),
+    (
+        "bare grpc.aio answering a precomputed response, c16 (unary / stream)",
+        "6,960 / 8,326 req/s; 0.156 / 0.095 ms server CPU a request",
+    ),
+    (
+        "bare grpc.aio running digits inline, c16 (unary / stream)",
+        "4,725 / 7,108 req/s; 0.244 / 0.130 ms server CPU a request",
+    ),
+)
+
+
+# --- /proc ------------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat from field 3 (state) on; the name may hold spaces/parens."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _children(pid: int) -> list[int]:
+    """Live descendants of pid (all of /proc scanned once)."""
+    parent: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent[int(entry.name)] = int(_stat_fields(int(entry.name))[1])
+    out: list[int] = []
+    frontier = [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds of a process tree: utime + stime of pid (every thread, live or exited) plus
+    cutime + cstime (its reaped children), plus the same for each live descendant."""
+    ticks = 0
+    for p in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError):
+            f = _stat_fields(p)
+            # fields 14-17 (utime, stime, cutime, cstime); f[0] is field 3
+            ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return ticks / CLK_TCK
+
+
+def system_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (every CPU): /proc/stat's first line, user +
+    nice + system + irq + softirq + steal (guest time is already inside user)."""
+    f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def proc_status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _health_serving(target: str, timeout: float) -> bool:
+    """One grpc.health.v1 Check on a fresh channel (a reused channel would sit in reconnect
+    backoff after the first refused connection, and the poll would measure the backoff)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    target: str
+    command: list[str]
+    log_path: Path
+    ready_s: float  # process start -> health SERVING (polled)
+    ready_logged_s: float | None  # the server's own figure ("serving ... in X s")
+    rss_ready_kb: int  # VmRSS with both models loaded, just after ready
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def start_server(
+    repo: Path, log_path: Path, instances: int | None, timeout: float = 60.0
+) -> Server:
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        "-m",
+        "bnserve.cli",
+        "serve",
+        "--repo",
+        str(repo),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "-1",
+    ]
+    if instances is not None:
+        command += ["--instances", str(instances)]
+    log_file = log_path.open("wb")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+    log_file.close()
+    server = Server(proc, target, command, log_path, 0.0, None, 0)
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited with {proc.returncode} before ready:\n{server.log_tail()}"
+            )
+        if time.perf_counter() - t0 > timeout:
+            stop_server(server)
+            raise RuntimeError(f"server not SERVING after {timeout:.0f} s:\n{server.log_tail()}")
+        if _health_serving(target, timeout=0.5):
+            break
+        time.sleep(0.01)
+    server.ready_s = time.perf_counter() - t0
+    server.rss_ready_kb = proc_status_kb(proc.pid, "VmRSS")
+    for line in log_path.read_text(errors="replace").splitlines():
+        if " serving " in line and line.rstrip().endswith(" s"):
+            with contextlib.suppress(ValueError, IndexError):
+                server.ready_logged_s = float(line.rsplit(" in ", 1)[1].split()[0])
+    return server
+
+
+def stop_server(server: Server, grace: float = 15.0) -> int | None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+    return server.proc.returncode
+
+
+# --- runs against the server -----------------------------------------------------------------
+
+
+@dataclass
+class ServerRun:
+    model: str
+    mode: str
+    concurrency: int
+    batch: int
+    result: dict[str, Any]  # BenchResult.to_dict()
+    latencies_s: np.ndarray = field(repr=False)
+    server_cpu_s: float  # over the whole run_bench call (warm-up included)
+    client_cpu_s: float  # this process (the load generator), same window
+    wall_s: float  # the CPU window
+    other_cpu_s: float  # every other process on the machine, same window
+    sent: int  # requests the run sent: window + warm-up (the CPU denominator)
+
+    @property
+    def samples_sent(self) -> int:
+        return self.sent * int(self.result["rows_per_request"])
+
+    @property
+    def server_cpu_ms_per_request(self) -> float:
+        return 1000.0 * self.server_cpu_s / max(1, self.sent)
+
+    @property
+    def server_cpu_ms_per_sample(self) -> float:
+        return 1000.0 * self.server_cpu_s / max(1, self.samples_sent)
+
+    @property
+    def client_cpu_ms_per_request(self) -> float:
+        return 1000.0 * self.client_cpu_s / max(1, self.sent)
+
+    @property
+    def key(self) -> str:
+        return f"{self.model} {self.mode} c{self.concurrency}"
+
+    def summary(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "model": self.model,
+            "mode": self.mode,
+            "concurrency": self.concurrency,
+            "batch": self.batch,
+            "throughput_rps": r["throughput_rps"],
+            "samples_per_s": r["samples_per_s"],
+            "latency_ms": r["latency_ms"],
+            "requests": r["requests"],
+            "warmup_requests": r["warmup_requests"],
+            "errors": r["errors"],
+            "errors_by_code": r["errors_by_code"],
+            "server_cpu_s": round(self.server_cpu_s, 3),
+            "server_cpu_ms_per_request": round(self.server_cpu_ms_per_request, 4),
+            "server_cpu_ms_per_sample": round(self.server_cpu_ms_per_sample, 4),
+            "client_cpu_ms_per_request": round(self.client_cpu_ms_per_request, 4),
+            "cpu_window_s": round(self.wall_s, 3),
+            "other_processes_cpu_s": round(self.other_cpu_s, 3),
+        }
+
+
+def run_server_bench(
+    server: Server, model: str, mode: str, concurrency: int, batch: int, d: Durations
+) -> ServerRun:
+    from bnserve.client.bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        model=model,
+        targets=(server.target,),
+        concurrency=concurrency,
+        duration=d.run_s,
+        warmup=d.warmup_s,
+        batch=batch,
+        mode=mode,  # type: ignore[arg-type]
+        progress=False,
+    )
+    # The CPU window spans the whole call: one ModelMetadata call, the warm-up, the window and
+    # the tail (requests sent in the window, answered after it). Every inference request sent
+    # in it is in requests + warmup_requests, so that is the denominator.
+    busy0 = system_busy_s()
+    cpu0, client0, t0 = proc_cpu_s(server.pid), time.process_time(), time.perf_counter()
+    res = run_bench(config)
+    cpu1, client1, t1 = proc_cpu_s(server.pid), time.process_time(), time.perf_counter()
+    busy1 = system_busy_s()
+    if server.proc.poll() is not None:
+        raise RuntimeError(f"server died during {model} {mode} c{concurrency}")
+    return ServerRun(
+        model=model,
+        mode=mode,
+        concurrency=concurrency,
+        batch=batch,
+        result=res.to_dict(),
+        latencies_s=np.asarray(res.latencies_s),
+        server_cpu_s=cpu1 - cpu0,
+        client_cpu_s=client1 - client0,
+        wall_s=t1 - t0,
+        other_cpu_s=max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (client1 - client0)),
+        sent=res.requests + res.warmup_requests,
+    )
+
+
+# --- onnxruntime in-process ------------------------------------------------------------------
+
+
+@dataclass
+class OrtPoint:
+    model: str
+    batch: int
+    sessions: int
+    samples_per_s: float
+    cpu_ms_per_sample: float  # process_time over the measurement / samples (all threads)
+    other_cpu_pct: float  # other processes on the machine, % of one core, same window
+
+
+def _ort_input(session: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in session.get_inputs():
+        dims = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
+        dims[0] = batch
+        feeds[inp.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
+
+
+def _drive(
+    session: Any,
+    feeds: dict[str, np.ndarray],
+    barrier: threading.Barrier,
+    deadline: list[float],
+    counts: list[int],
+    i: int,
+) -> None:
+    """One thread calling its own session back to back until the deadline."""
+    barrier.wait()
+    k = 0
+    while True:
+        session.run(None, feeds)
+        k += 1
+        if time.perf_counter() >= deadline[0]:
+            break
+    counts[i] = k
+
+
+def measure_ort(model_path: Path, model: str, seconds: float) -> list[OrtPoint]:
+    """Samples/s for every (batch, sessions), each session driven by its own thread."""
+    import onnxruntime as ort
+
+    from bnserve.server.model import session_options
+
+    sessions = [
+        ort.InferenceSession(str(model_path), session_options(), providers=["CPUExecutionProvider"])
+        for _ in range(max(ORT_SESSIONS))
+    ]
+    points: list[OrtPoint] = []
+    for batch in ORT_BATCHES:
+        feeds = _ort_input(sessions[0], batch)
+        for s in sessions:  # warm-up: the first run allocates
+            s.run(None, feeds)
+        for n in ORT_SESSIONS:
+            counts = [0] * n
+            barrier = threading.Barrier(n + 1)
+            deadline = [0.0]
+
+            threads = [
+                threading.Thread(
+                    target=_drive, args=(sessions[i], feeds, barrier, deadline, counts, i)
+                )
+                for i in range(n)
+            ]
+            for t in threads:
+                t.start()
+            busy0 = system_busy_s()
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            deadline[0] = t0 + seconds
+            barrier.wait()
+            for t in threads:
+                t.join()
+            cpu1, t1 = time.process_time(), time.perf_counter()
+            other = max(0.0, system_busy_s() - busy0 - (cpu1 - cpu0))
+            samples = sum(counts) * batch
+            points.append(
+                OrtPoint(
+                    model=model,
+                    batch=batch,
+                    sessions=n,
+                    samples_per_s=samples / (t1 - t0),
+                    cpu_ms_per_sample=1000.0 * (cpu1 - cpu0) / samples,
+                    other_cpu_pct=100.0 * other / (t1 - t0),
+                )
+            )
+    return points
+
+
+# --- environment -------------------------------------------------------------------------------
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    ram_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_kb = int(line.split()[1])
+    sha = _git("rev-parse", "--short=12", "HEAD") or "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "ram_gib": round(ram_kb / 1024**2, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": _version("grpcio"),
+        "onnxruntime": _version("onnxruntime"),
+        "numpy": _version("numpy"),
+        "protobuf": _version("protobuf"),
+        "bnserve_sha": sha,
+        "bnserve_dirty": len(dirty.splitlines()) if dirty else 0,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_start": loadavg(),
+    }
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    figure: float | None
+    limit: float
+    higher_is_better: bool
+    unit: str
+    fmt: str = "{:,.3f}"
+
+    @property
+    def passed(self) -> bool:
+        if self.figure is None:
+            return False
+        if self.higher_is_better:
+            return self.figure >= self.limit
+        return self.figure <= self.limit
+
+    def row(self) -> str:
+        fig = "-" if self.figure is None else self.fmt.format(self.figure)
+        op = ">=" if self.higher_is_better else "<="
+        unit = f" {self.unit}" if self.unit else ""
+        verdict = "**PASS**" if self.passed else "**FAIL**"
+        return (
+            f"| {self.name} | {fig}{unit} | {op} {self.fmt.format(self.limit)}{unit} | {verdict} |"
+        )
+
+
+def evaluate(
+    runs: dict[str, ServerRun], ort: dict[str, list[OrtPoint]], server: Server
+) -> list[Check]:
+    checks: list[Check] = []
+    for mode in ("unary", "stream"):
+        r = runs.get(f"vol3d {mode} c16")
+        cpu1 = ort_cpu_per_sample(ort.get("vol3d", []))
+        best = ort_best(ort.get("vol3d", []))
+        if r is not None and cpu1 is not None:
+            checks.append(
+                Check(
+                    f"vol3d c16 {mode}: server CPU a sample / in-process (batch 1, 1 session)",
+                    r.server_cpu_ms_per_sample / cpu1,
+                    1.08,
+                    False,
+                    "x",
+                )
+            )
+        if r is not None and best is not None:
+            checks.append(
+                Check(
+                    f"vol3d c16 {mode}: samples/s / in-process best ({best.samples_per_s:,.0f})",
+                    float(r.result["samples_per_s"]) / best.samples_per_s,
+                    0.80,
+                    True,
+                    "x",
+                )
+            )
+    for mode, cpu_limit, rps_limit in (("unary", 0.17, 6000.0), ("stream", 0.105, 7500.0)):
+        r = runs.get(f"digits {mode} c16")
+        if r is None:
+            continue
+        checks.append(
+            Check(
+                f"digits c16 {mode}: server CPU a request",
+                r.server_cpu_ms_per_request,
+                cpu_limit,
+                False,
+                "ms",
+            )
+        )
+        checks.append(
+            Check(
+                f"digits c16 {mode}: throughput",
+                float(r.result["throughput_rps"]),
+                rps_limit,
+                True,
+                "req/s",
+                "{:,.0f}",
+            )
+        )
+    for mode in ("unary", "stream"):
+        r = runs.get(f"digits {mode} c1")
+        if r is None:
+            continue
+        lat = r.result["latency_ms"]
+        checks.append(Check(f"digits c1 {mode}: p50 latency", lat["p50"], 0.4, False, "ms"))
+        checks.append(Check(f"digits c1 {mode}: p99 latency", lat["p99"], 1.0, False, "ms"))
+    checks.append(
+        Check(
+            "RSS with both models loaded (VmRSS at ready)",
+            server.rss_ready_kb / 1024,
+            200.0,
+            False,
+            "MiB",
+            "{:,.1f}",
+        )
+    )
+    checks.append(
+        Check("time to ready (start -> health SERVING)", server.ready_s, 2.0, False, "s", "{:.2f}")
+    )
+    return checks
+
+
+def ort_best(points: Sequence[OrtPoint]) -> OrtPoint | None:
+    return max(points, key=lambda p: p.samples_per_s, default=None)
+
+
+def ort_cpu_per_sample(points: Sequence[OrtPoint]) -> float | None:
+    for p in points:
+        if p.batch == 1 and p.sessions == 1:
+            return p.cpu_ms_per_sample
+    return None
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+
+def _figure(size: tuple[float, float]) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_throughput(runs: dict[str, ServerRun], path: Path, sha: str) -> None:
+    fig = _figure((6.4, 4.2))
+    ax = fig.subplots()
+    for mode, marker, limit in (("unary", "o", 6000.0), ("stream", "s", 7500.0)):
+        pts = sorted(
+            (r.concurrency, float(r.result["throughput_rps"]))
+            for r in runs.values()
+            if r.model == "digits" and r.mode == mode
+        )
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            (line,) = ax.plot(xs, ys, marker=marker, label=f"bnserve {mode}")
+            ax.axhline(limit, color=line.get_color(), ls=":", lw=1, label=f"{mode} target c16")
+    ax.axhline(4040, color="grey", ls="--", lw=1, label="Triton c16 unary (4,040)")
+    ax.axhline(5472, color="black", ls="--", lw=1, label="MLServer c16 stream (5,472)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 4, 16], ["1", "4", "16"])
+    ax.set_xlabel("requests in flight (closed loop, batch 1)")
+    ax.set_ylabel("requests/s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"digits over gRPC, client on the same cores ({sha})", fontsize=10)
+    fig.savefig(path, dpi=100)
+
+
+def plot_latency_cdf(runs: dict[str, ServerRun], path: Path, sha: str) -> None:
+    fig = _figure((6.4, 4.2))
+    ax = fig.subplots()
+    for mode in ("unary", "stream"):
+        r = runs.get(f"digits {mode} c16")
+        if r is None or not r.latencies_s.size:
+            continue
+        lat = np.sort(r.latencies_s) * 1000.0
+        y = np.arange(1, lat.size + 1) / lat.size
+        p99 = r.result["latency_ms"]["p99"]
+        ax.plot(lat, y, label=f"{mode} (p99 {p99:.2f} ms, n={lat.size:,})")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_ylim(0, 1.0)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"digits, 16 in flight: latency CDF ({sha})", fontsize=10)
+    fig.savefig(path, dpi=100)
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _ms(v: float | None, fmt: str = "{:.3f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def render(
+    *,
+    info: dict[str, Any],
+    commands: dict[str, str],
+    durations: Durations,
+    server: Server,
+    idle_cpu_pct: float,
+    rss_end_kb: int,
+    hwm_end_kb: int,
+    runs: dict[str, ServerRun],
+    ort: dict[str, list[OrtPoint]],
+    checks: list[Check],
+    plots: dict[str, str],
+) -> str:
+    out: list[str] = []
+    w = out.append
+    passed = sum(c.passed for c in checks)
+    w("# Performance")
+    w("")
+    w(
+        f"Generated by `bench/suite.py` on {info['date']} (bnserve {info['bnserve_sha']}"
+        + (
+            f", with uncommitted changes in {info['bnserve_dirty']} tracked file(s)"
+            if info["bnserve_dirty"]
+            else ""
+        )
+        + "). Do not edit by hand: rerun the suite. How it measures: `bench/README.md`."
+    )
+    w("")
+    w(
+        f"Targets met: **{passed} of {len(checks)}**. The client (bnserve's own load tester, "
+        "`run_bench`) runs in the suite's process on the same cores as the server, so every "
+        "server figure below is what is left once the client has taken its share."
+    )
+    w("")
+    busy = [100 * r.other_cpu_s / r.wall_s for r in runs.values()]
+    if busy and max(busy) > 10:
+        w(
+            f"**Caveat: a shared machine.** Other processes used {np.mean(busy):.0f} % of one core "
+            f"on average during the server runs (max {max(busy):.0f} %; load average "
+            f"{info['loadavg_start']} at the start, {info.get('loadavg_end', '?')} at the end): "
+            "they took CPU from both the server and the client, so throughput and latency are "
+            "pessimistic. CPU *per request* is the figure least affected."
+        )
+        w("")
+    w("## Targets")
+    w("")
+    w("| target | measured | limit | result |")
+    w("|---|---|---|---|")
+    out.extend(c.row() for c in checks)
+    w("")
+    w("## Machine and versions")
+    w("")
+    w("| | |")
+    w("|---|---|")
+    w(f"| CPUs | {info['nproc']} (usable by this process: {info['affinity']}) |")
+    w(f"| CPU model | {info['cpu_model']} |")
+    w(f"| RAM | {info['ram_gib']} GiB |")
+    w(f"| kernel | {info['kernel']} |")
+    for k in ("python", "grpcio", "onnxruntime", "numpy", "protobuf"):
+        w(f"| {k} | {info[k]} |")
+    w(f"| bnserve | git {info['bnserve_sha']} |")
+    w(f"| date | {info['date']} |")
+    w(
+        f"| load average (1, 5, 15 min) | {info['loadavg_start']} at the start, "
+        f"{info.get('loadavg_end', '?')} at the end |"
+    )
+    w("")
+    w("## Commands")
+    w("")
+    w("```sh")
+    w(f"# the suite (this report)\n{commands['suite']}")
+    w(f"# the server it starts (port: a free one)\n{commands['server']}")
+    w("# each load run is the equivalent of")
+    w(commands["bench"])
+    w("```")
+    w("")
+    w(
+        f"Durations: {durations.run_s:g} s measured after {durations.warmup_s:g} s warm-up per "
+        f"server run; {durations.ort_s:g} s per in-process measurement."
+    )
+    w("")
+    w("## Server start-up and memory")
+    w("")
+    w("| | |")
+    w("|---|---|")
+    w(
+        f"| time to ready (process start -> health SERVING, polled every 10 ms) | "
+        f"{server.ready_s:.2f} s |"
+    )
+    w(
+        "| the server's own figure (repository load + gRPC start) | "
+        f"{_ms(server.ready_logged_s, '{:.2f}')} s |"
+    )
+    w(f"| VmRSS at ready (digits + vol3d loaded) | {server.rss_ready_kb / 1024:.1f} MiB |")
+    w(f"| VmRSS after all runs | {rss_end_kb / 1024:.1f} MiB |")
+    w(f"| VmHWM (peak RSS) after all runs | {hwm_end_kb / 1024:.1f} MiB |")
+    w(f"| idle CPU after ready | {idle_cpu_pct:.2f} % of one core |")
+    w("")
+    w("## Server under load (gRPC, closed loop, batch 1)")
+    w("")
+    w(
+        "Server CPU = utime + stime of the server process (all threads, and children if any) "
+        "over the whole run, warm-up included, divided by every request sent in that time "
+        "(window + warm-up). Client CPU: the same for the suite's process (the load generator). "
+        "CPU use and other processes: CPU seconds over the run's wall time, in % of one core "
+        "(the machine has "
+        f"{info['nproc']}); other processes = the whole machine (/proc/stat) minus server and "
+        "client: anything above a few % means the figures were taken on a busy machine."
+    )
+    w("")
+    w(
+        "| model | mode | c | req/s | samples/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms "
+        "| errors | server CPU ms/req | server CPU use | client CPU ms/req | other processes "
+        "| requests (+ warm-up) |"
+    )
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs.values():
+        lat = r.result["latency_ms"]
+        errs = r.result["errors"]
+        codes = ", ".join(f"{k} {v}" for k, v in r.result["errors_by_code"].items())
+        w(
+            f"| {r.model} | {r.mode} | {r.concurrency} | {r.result['throughput_rps']:,.0f} | "
+            f"{r.result['samples_per_s']:,.0f} | {_ms(lat['p50'])} | {_ms(lat['p90'])} | "
+            f"{_ms(lat['p99'])} | {_ms(lat['p999'])} | {_ms(lat['max'])} | "
+            f"{errs}{f' ({codes})' if codes else ''} | {r.server_cpu_ms_per_request:.4f} | "
+            f"{100 * r.server_cpu_s / r.wall_s:.0f} % | {r.client_cpu_ms_per_request:.4f} | "
+            f"{100 * r.other_cpu_s / r.wall_s:.0f} % | "
+            f"{r.result['requests']:,} (+ {r.result['warmup_requests']:,}) |"
+        )
+    w("")
+    w("## onnxruntime in-process (same files, the server's session options)")
+    w("")
+    w(
+        "Samples/s; *n* sessions are driven by *n* threads, each calling its own session "
+        "back to back (1 intra-op thread each, ORT_ENABLE_ALL). CPU a sample: "
+        "time.process_time of the suite's process over the measurement / samples."
+    )
+    w("")
+    header = "| model | sessions | " + " | ".join(f"batch {b}" for b in ORT_BATCHES) + " |"
+    w(header)
+    w("|---|---|" + "---|" * len(ORT_BATCHES))
+    for model, pts in ort.items():
+        for n in ORT_SESSIONS:
+            cells = []
+            for b in ORT_BATCHES:
+                p = next((q for q in pts if q.batch == b and q.sessions == n), None)
+                cells.append("-" if p is None else f"{p.samples_per_s:,.0f}")
+            w(f"| {model} | {n} | " + " | ".join(cells) + " |")
+    w("")
+    others = [p.other_cpu_pct for pts in ort.values() for p in pts]
+    if others:
+        w(
+            f"Other processes during these measurements: {np.mean(others):.0f} % of one core on "
+            f"average (max {max(others):.0f} %)."
+        )
+        w("")
+    w("| model | best samples/s (batch, sessions) | CPU a sample, batch 1, 1 session |")
+    w("|---|---|---|")
+    for model, pts in ort.items():
+        best = ort_best(pts)
+        cpu = ort_cpu_per_sample(pts)
+        if best is not None:
+            w(
+                f"| {model} | {best.samples_per_s:,.0f} (batch {best.batch}, "
+                f"{best.sessions} session{'s' if best.sessions > 1 else ''}) | "
+                f"{_ms(cpu, '{:.4f}')} ms |"
+            )
+    w("")
+    w("Server against in-process, per sample:")
+    w("")
+    w(
+        "| run | server samples/s | / in-process best | server CPU ms/sample "
+        "| / in-process batch 1 |"
+    )
+    w("|---|---|---|---|---|")
+    for r in runs.values():
+        best = ort_best(ort.get(r.model, []))
+        cpu = ort_cpu_per_sample(ort.get(r.model, []))
+        if best is None or cpu is None:
+            continue
+        w(
+            f"| {r.key} | {r.result['samples_per_s']:,.0f} | "
+            f"{r.result['samples_per_s'] / best.samples_per_s:.2f} | "
+            f"{r.server_cpu_ms_per_sample:.4f} | {r.server_cpu_ms_per_sample / cpu:.2f} |"
+        )
+    w("")
+    w("## Peers, for reference (not measured by this suite)")
+    w("")
+    w(
+        "From `../shared/FACTS.md`: the same ONNX models on this kind of machine, client on "
+        "the same 2 cores, +-20%."
+    )
+    w("")
+    w("| server | figure |")
+    w("|---|---|")
+    for name, fig in PEERS:
+        w(f"| {name} | {fig} |")
+    w("")
+    w("## Plots")
+    w("")
+    for title, rel in plots.items():
+        w(f"![{title}]({rel})")
+        w("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def _say(msg: str) -> None:
+    print(f"[suite {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _rel(path: Path) -> str:
+    try:
+        return os.path.relpath(path, ROOT)
+    except ValueError:
+        return str(path)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/suite.py",
+        description="bnserve over gRPC against onnxruntime in-process; writes a markdown report.",
+    )
+    p.add_argument("--quick", action="store_true", help="short runs: the whole suite < 2 min")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report path")
+    p.add_argument("--img-dir", type=Path, help="where the PNGs go (default: OUT's dir/img)")
+    p.add_argument("--repo", type=Path, default=DEFAULT_REPO, help="model repository")
+    p.add_argument("--instances", type=int, help="server --instances (default: the server's)")
+    p.add_argument("--duration", type=float, help="measured seconds per server run (override)")
+    p.add_argument("--warmup", type=float, help="warm-up seconds per server run (override)")
+    p.add_argument("--ort-duration", type=float, help="seconds per in-process point (override)")
+    p.add_argument("--json", type=Path, help="also write every figure as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    d = QUICK if args.quick else FULL
+    d = dataclasses.replace(
+        d,
+        run_s=args.duration if args.duration is not None else d.run_s,
+        warmup_s=args.warmup if args.warmup is not None else d.warmup_s,
+        ort_s=args.ort_duration if args.ort_duration is not None else d.ort_s,
+    )
+    out: Path = args.out.resolve()
+    img_dir: Path = (args.img_dir or out.parent / "img").resolve()
+    img_dir.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    repo: Path = args.repo.resolve()
+    started = time.perf_counter()
+    info = machine_info()
+
+    # 1. onnxruntime in-process first, while this process has no gRPC threads around.
+    ort: dict[str, list[OrtPoint]] = {}
+    for model in ORT_MODELS:
+        path = repo / model / "1" / "model.onnx"
+        _say(f"onnxruntime in-process: {model}")
+        ort[model] = measure_ort(path, model, d.ort_s)
+
+    # 2. the server.
+    log_path = _server_log()
+    _say("starting the server")
+    server = start_server(repo, log_path, args.instances)
+    runs: dict[str, ServerRun] = {}
+    try:
+        _say(f"ready in {server.ready_s:.2f} s, VmRSS {server.rss_ready_kb / 1024:.1f} MiB")
+        c0, t0 = proc_cpu_s(server.pid), time.perf_counter()
+        time.sleep(d.idle_s)
+        idle_pct = 100.0 * (proc_cpu_s(server.pid) - c0) / (time.perf_counter() - t0)
+        # 3. the runs.
+        for model, mode, conc, batch in RUNS:
+            time.sleep(d.settle_s)
+            r = run_server_bench(server, model, mode, conc, batch, d)
+            runs[r.key] = r
+            lat = r.result["latency_ms"]
+            _say(
+                f"{r.key}: {r.result['throughput_rps']:,.0f} req/s, p50 "
+                f"{_ms(lat['p50'])} p99 {_ms(lat['p99'])} ms, "
+                f"server CPU {r.server_cpu_ms_per_request:.4f} ms/req, errors {r.result['errors']}"
+            )
+        rss_end = proc_status_kb(server.pid, "VmRSS")
+        hwm_end = proc_status_kb(server.pid, "VmHWM")
+    finally:
+        rc = stop_server(server)
+    if rc not in (0, None):
+        _say(f"warning: the server exited with {rc}; log: {log_path}")
+    else:
+        log_path.unlink(missing_ok=True)
+
+    # 4. the report.
+    info["loadavg_end"] = loadavg()
+    checks = evaluate(runs, ort, server)
+    sha = info["bnserve_sha"]
+    plots = {
+        "digits: throughput against concurrency": img_dir / "digits_throughput.png",
+        "digits, 16 in flight: latency CDF": img_dir / "digits_c16_latency_cdf.png",
+    }
+    paths = list(plots.values())
+    plot_throughput(runs, paths[0], sha)
+    plot_latency_cdf(runs, paths[1], sha)
+    suite_cmd = " ".join(
+        [
+            ".venv/bin/python",
+            "bench/suite.py",
+            *map(shlex.quote, sys.argv[1:] if argv is None else argv),
+        ]
+    )
+    server_cmd = (
+        " ".join([".venv/bin/python", *map(shlex.quote, server.command[1:])])
+        .replace(str(repo), _rel(repo))
+        .replace(server.target.split(":")[1], "PORT")
+    )
+    bench_cmd = (
+        ".venv/bin/bnserve bench --target 127.0.0.1:PORT --model MODEL --mode MODE "
+        f"--concurrency C --batch 1 --duration {d.run_s:g} --warmup {d.warmup_s:g}"
+    )
+    text = render(
+        info=info,
+        commands={"suite": suite_cmd, "server": server_cmd, "bench": bench_cmd},
+        durations=d,
+        server=server,
+        idle_cpu_pct=idle_pct,
+        rss_end_kb=rss_end,
+        hwm_end_kb=hwm_end,
+        runs=runs,
+        ort=ort,
+        checks=checks,
+        plots={k: os.path.relpath(v, out.parent) for k, v in plots.items()},
+    )
+    out.write_text(text)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "durations": dataclasses.asdict(d),
+                    "server": {
+                        "ready_s": server.ready_s,
+                        "ready_logged_s": server.ready_logged_s,
+                        "rss_ready_kb": server.rss_ready_kb,
+                        "rss_end_kb": rss_end,
+                        "hwm_end_kb": hwm_end,
+                        "idle_cpu_pct": idle_pct,
+                    },
+                    "runs": [r.summary() for r in runs.values()],
+                    "ort": [dataclasses.asdict(p) for pts in ort.values() for p in pts],
+                    "targets": [{**dataclasses.asdict(c), "passed": c.passed} for c in checks],
+                },
+                indent=2,
+            )
+        )
+    _say(
+        f"wrote {_rel(out)} and {len(paths)} plots in {time.perf_counter() - started:.0f} s: "
+        f"{sum(c.passed for c in checks)} of {len(checks)} targets met"
+    )
+    for c in checks:
+        _say(("PASS " if c.passed else "FAIL ") + c.row())
+    return 1 if args.strict and not all(c.passed for c in checks) else 0
+
+
+def _server_log() -> Path:
+    """The server's stdout/stderr: in the temp dir (never next to the committed report)."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="bnserve-suite-server-", suffix=".log")
+    os.close(fd)
+    return Path(name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

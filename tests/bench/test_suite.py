@@ -1,0 +1,160 @@
+"""bench/suite.py in a tiny mode: the whole pipeline (in-process onnxruntime, the server as a
+subprocess, every load run, the report and its plots) in well under a minute.
+
+The figures themselves are not checked (the suite measures, it does not judge; its targets are
+in the report): only that every section, every run and every target is there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SUITE = ROOT / "bench" / "suite.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_suite() -> ModuleType:
+    # bench/ is not a package: load the script as a module.
+    spec = importlib.util.spec_from_file_location("bnserve_bench_suite", SUITE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def suite() -> ModuleType:
+    return _load_suite()
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, Any]]:
+    out_dir = tmp_path_factory.mktemp("perf")
+    out = out_dir / "performance.md"
+    data = out_dir / "performance.json"
+    cmd = [
+        sys.executable,
+        str(SUITE),
+        "--quick",
+        "--out",
+        str(out),
+        "--json",
+        str(data),
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0.1",
+        "--ort-duration",
+        "0.05",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=out_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, out.read_text(), json.loads(data.read_text())
+
+
+@pytest.mark.timeout(150)
+def test_report_has_every_section_and_table(report, suite) -> None:
+    _, md, _ = report
+    for heading in (
+        "# Performance",
+        "## Targets",
+        "## Machine and versions",
+        "## Commands",
+        "## Server start-up and memory",
+        "## Server under load",
+        "## onnxruntime in-process",
+        "## Peers, for reference",
+        "## Plots",
+    ):
+        assert heading in md, heading
+    assert "| target | measured | limit | result |" in md
+    assert "| model | mode | c | req/s |" in md
+    assert "| model | sessions | batch 1 | batch 4 | batch 16 | batch 64 |" in md
+    # one row per load run, one row per (model, sessions) in-process
+    for model, mode, conc, _ in suite.RUNS:
+        assert f"| {model} | {mode} | {conc} |" in md
+    for model in suite.ORT_MODELS:
+        for n in suite.ORT_SESSIONS:
+            assert f"| {model} | {n} |" in md
+    # every target has a verdict; the versions are named
+    verdicts = [line for line in md.splitlines() if line.endswith(("**PASS** |", "**FAIL** |"))]
+    assert len(verdicts) == 14
+    for name in ("grpcio", "onnxruntime", "numpy", "python", "bnserve"):
+        assert f"| {name} |" in md
+    assert "4,040 req/s" in md and "5,472 req/s" in md  # peers
+
+
+def test_plots_exist_and_are_linked(report) -> None:
+    out, md, _ = report
+    links = [line[line.index("](") + 2 : -1] for line in md.splitlines() if line.startswith("![")]
+    assert len(links) == 2
+    for rel in links:
+        png = out.parent / rel
+        assert png.is_file(), rel
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert png.stat().st_size > 5_000
+
+
+def test_json_accounts_for_every_run(report, suite) -> None:
+    _, _, data = report
+    runs = data["runs"]
+    assert [(r["model"], r["mode"], r["concurrency"]) for r in runs] == [
+        (m, mode, c) for m, mode, c, _ in suite.RUNS
+    ]
+    for r in runs:
+        assert r["requests"] > 0 and r["errors"] == 0, r
+        # CPU a request is over every request the CPU window saw: window + warm-up
+        sent = r["requests"] + r["warmup_requests"]
+        assert r["server_cpu_ms_per_request"] == pytest.approx(
+            1000 * r["server_cpu_s"] / sent, rel=1e-2, abs=1e-3
+        )
+    assert len(data["ort"]) == len(suite.ORT_MODELS) * len(suite.ORT_BATCHES) * len(
+        suite.ORT_SESSIONS
+    )
+    assert all(p["samples_per_s"] > 0 for p in data["ort"])
+    assert 0 < data["server"]["ready_s"] < 60
+    assert data["server"]["rss_ready_kb"] > 10_000
+
+
+def test_proc_cpu_counts_threads_and_children(suite) -> None:
+    """The server's CPU is read from /proc: a child that burns CPU in a thread and in a
+    grandchild is fully counted in its parent's tree."""
+    burn = (
+        "import subprocess, sys, threading, time\n"
+        "def spin(s):\n"
+        "    t = time.thread_time()\n"
+        "    while time.thread_time() - t < s: pass\n"
+        "th = threading.Thread(target=spin, args=(0.3,)); th.start()\n"
+        "g = subprocess.Popen([sys.executable, '-c', "
+        "'import time\\nt = time.process_time()\\nwhile time.process_time() - t < 0.3: pass\\n"
+        "time.sleep(30)'])\n"
+        "th.join()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 20
+        cpu = suite.proc_cpu_s(proc.pid)
+        while cpu < 0.55 and time.monotonic() < deadline:  # the grandchild may still burn
+            time.sleep(0.05)
+            cpu = suite.proc_cpu_s(proc.pid)
+        assert cpu >= 0.55  # 0.3 s in a thread + 0.3 s in the grandchild (+ start-up)
+    finally:
+        for child in suite._children(proc.pid):
+            subprocess.run(["kill", str(child)], check=False)
+        proc.kill()
+        proc.wait()

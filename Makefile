@@ -8,7 +8,7 @@ HOST   ?= 0.0.0.0
 PORT   ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: serve test lint typecheck unit models proto clean install-serve install-test
+.PHONY: serve test lint typecheck unit models proto clean install-serve install-test bench bench-quick
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (python 3.11) on PATH"; exit 1; }
@@ -60,6 +60,14 @@ models: install-test
 # Regenerate the protobuf/gRPC modules in proto/ from proto/inference.proto.
 proto: install-test
 	$(PY) -m bnserve.proto.generate
+
+# The performance suite (not part of `make test`): server vs in-process onnxruntime, writes
+# docs/performance.md and its plots. bench-quick runs in under 2 minutes.
+bench: install-test
+	$(PY) bench/suite.py
+
+bench-quick: install-test
+	$(PY) bench/suite.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -64,7 +64,7 @@ proto: install-test
 # The performance suite (not part of `make test`): server vs in-process onnxruntime, writes
 # docs/performance.md and its plots. bench-quick runs in under 2 minutes.
 bench: install-test
-	$(PY) bench/suite.py
+	$(PY) bench/suite.py $(BENCH_ARGS)
 
 bench-quick: install-test
 	$(PY) bench/suite.py --quick

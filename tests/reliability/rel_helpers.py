@@ -88,3 +88,71 @@ def digits_inputs(n: int = 64, seed: int = 0) -> np.ndarray:
     """Deterministic digit-like inputs (values in [0, 1]); no dataset download needed."""
     rng = np.random.default_rng(seed)
     return rng.random((n, 1, 8, 8), dtype=np.float32)
+
+
+# --- broken model files ------------------------------------------------------------------------
+
+
+def bn_training_mode_onnx() -> bytes:
+    """A valid ONNX model whose one BatchNormalization node is in training mode (input
+    "input" FP32 [-1, 4]): the frozen-BN gate must refuse it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    c = 4
+    inits = [
+        helper.make_tensor(n, TensorProto.FLOAT, [c], v)
+        for n, v in (
+            ("scale", [1.0] * c),
+            ("bias", [0.0] * c),
+            ("mean", [0.0] * c),
+            ("var", [1.0] * c),
+        )
+    ]
+    node = helper.make_node(
+        "BatchNormalization",
+        ["input", "scale", "bias", "mean", "var"],
+        ["output"],
+        training_mode=1,
+        name="bn0",
+    )
+    graph = helper.make_graph(
+        [node],
+        "bn_training",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, c])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, c])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def broken_model_bytes(kind: str) -> bytes:
+    """model.onnx contents for each way a file can be broken."""
+    good = DIGITS_ONNX.read_bytes()
+    if kind == "truncated":
+        return good[: len(good) // 2]
+    if kind == "corrupt":  # the middle overwritten with garbage
+        rng = np.random.default_rng(0)
+        mid = len(good) // 3
+        return good[:mid] + rng.bytes(4096) + good[mid + 4096 :]
+    if kind == "not_onnx":
+        return b'{"this": "is JSON, not ONNX"}\n' * 10
+    if kind == "empty":
+        return b""
+    if kind == "bn_training":
+        return bn_training_mode_onnx()
+    raise ValueError(kind)
+
+
+BROKEN_KINDS = ("truncated", "corrupt", "not_onnx", "empty", "bn_training")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write next to `path`, then rename over it: a poll never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

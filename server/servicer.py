@@ -396,9 +396,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 (st.compute_infer, s.compute_infer),
             ):
                 target.count, target.ns = src.count, src.ns
+            # Input and output copies are part of compute_infer here (one onnxruntime run);
+            # their counts must still match it: perf_analyzer refuses statistics otherwise.
+            st.compute_input.count = st.compute_output.count = s.compute_infer.count
             for rows, d in sorted(s.batches.items()):
                 b = m.batch_stats.add(batch_size=rows)
                 b.compute_infer.count, b.compute_infer.ns = d.count, d.ns
+                b.compute_input.count = b.compute_output.count = d.count
         return response
 
     # --- repository ---------------------------------------------------------------------------

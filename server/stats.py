@@ -42,7 +42,10 @@ class ModelStats:
     def on_batch(self, rows: int, requests: int, compute_s: float) -> None:
         self.execution_count += 1
         self.inference_count += rows
-        self.compute_infer.add(compute_s)
+        # Per-request phases, as Triton counts them: each request of the batch once, with the
+        # whole batch's duration (perf_analyzer divides by request counts).
+        self.compute_infer.count += requests
+        self.compute_infer.ns += requests * int(compute_s * 1e9)
         self.batches.setdefault(rows, Duration()).add(compute_s)
 
     def on_request_done(self, queue_s: float, outcome: Outcome) -> None:

@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -403,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        r = report
+        r: Any = report
         print(
             f"soak {r['seconds']} s: {r['requests']} requests ({r['rps']}/s), "
             f"{r['answers']} answers, codes {r['codes']}\n"

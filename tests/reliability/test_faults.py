@@ -223,7 +223,7 @@ def test_deadline_expires_in_queue_and_is_not_computed(app: App) -> None:
             stub.ModelInfer.future(infer_request(small, model="vol3d", request_id=str(i)), 0.03)
             for i in range(5)
         ]
-        codes = [f.exception(timeout=30).code() for f in late]  # type: ignore[union-attr]
+        codes = [f.exception(timeout=30).code() for f in late]
         assert batcher.in_flight == 1, "the blocker must still be running: make it bigger"
         assert blocker.result(timeout=60).outputs[0].shape[0] == 64
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 5

@@ -308,7 +308,8 @@ def mutated_requests(draw: st.DrawFn) -> Case:
         t.datatype = draw(datatypes.filter(lambda d: d != "FP32"))
     elif mutation == "shape_dim":
         axis = draw(st.integers(0, len(t.shape) - 1))
-        t.shape[axis] = draw(dims.filter(lambda d, old=t.shape[axis]: d != old))
+        old = t.shape[axis]
+        t.shape[axis] = draw(dims.filter(lambda d: d != old))
     elif mutation == "shape_rank":
         if draw(st.booleans()):
             t.shape.append(draw(dims))
@@ -520,13 +521,13 @@ def test_stream_every_request_gets_one_response(srv: Fuzzed, cases: list[Case]) 
     for msg in srv.stub.ModelStreamInfer(iter([c.request for c in cases]), timeout=60):
         rid = msg.infer_response.id
         seen[rid] += 1
-        case = by_id.get(rid)
-        assert case is not None, f"response for an unknown id {rid!r}: {msg.error_message}"
+        got = by_id.get(rid)
+        assert got is not None, f"response for an unknown id {rid!r}: {msg.error_message}"
         if msg.error_message:
             assert not msg.error_message.startswith(("[INTERNAL]", "[UNKNOWN]")), msg.error_message
-            assert case.model is None, f"valid request {rid} failed: {msg.error_message}"
-        elif case.model is not None:
-            _check_answer(srv, case, msg.infer_response)
+            assert got.model is None, f"valid request {rid} failed: {msg.error_message}"
+        elif got.model is not None:
+            _check_answer(srv, got, msg.infer_response)
     twice = sorted(k for k, n in seen.items() if n != 1)
     lost = sorted(set(by_id) - set(seen))
     assert not twice and not lost, f"answered more than once: {twice}; never answered: {lost}"

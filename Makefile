@@ -8,7 +8,7 @@ HOST   ?= 0.0.0.0
 PORT   ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: serve test lint typecheck unit models proto clean install-serve install-test bench bench-quick
+.PHONY: serve test lint typecheck unit models proto clean install-serve install-test bench bench-quick soak
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (python 3.11) on PATH"; exit 1; }
@@ -68,6 +68,10 @@ bench: install-test
 
 bench-quick: install-test
 	$(PY) bench/suite.py --quick
+
+# 10 minutes of mixed unary and streaming load: nothing lost or answered twice, RSS flat.
+soak: install-serve
+	$(PY) bench/soak.py --seconds 600
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

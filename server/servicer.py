@@ -112,6 +112,8 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
+    # Registered methods take grpc core's fast path (no per-call method lookup in Python).
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _checked(impl: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -138,6 +140,41 @@ def _config_parameters(model: ServedModel) -> dict[str, str]:
     if preprocessing:
         params["preprocessing"] = json.dumps(preprocessing)
     return params
+
+
+_Msg = pb.ModelInferResponse | pb.ModelStreamInferResponse
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    code: str  # a grpc.StatusCode name
+    message: str
+
+
+def _unary_response(
+    model: ServedModel, outputs: dict[str, Any], decoded: codec.DecodedRequest
+) -> pb.ModelInferResponse:
+    return codec.encode_response(
+        model_name=model.name,
+        model_version=model.version,
+        request_id=decoded.id,
+        outputs=outputs,
+        specs=model.spec.outputs,
+        requested=decoded.requested_outputs,
+    )
+
+
+def _stream_response(
+    model: ServedModel, outputs: dict[str, Any], decoded: codec.DecodedRequest
+) -> pb.ModelStreamInferResponse:
+    return codec.encode_stream_response(
+        model_name=model.name,
+        model_version=model.version,
+        request_id=decoded.id,
+        outputs=outputs,
+        specs=model.spec.outputs,
+        requested=decoded.requested_outputs,
+    )
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -183,44 +220,50 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if model is not None:
             self._stats.get(name, version).request_done(code == "OK", elapsed)
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+    async def _run(
+        self,
+        request: pb.ModelInferRequest,
+        context: grpc.aio.ServicerContext,
+        encode: Callable[[ServedModel, dict[str, Any], codec.DecodedRequest], _Msg],
+    ) -> _Msg | _Failure:
+        """One request end to end (resolve, decode, batch, encode), counted exactly once.
+        Returns the encoded answer or a _Failure; raises only CancelledError."""
         started = time.perf_counter()
         model: ServedModel | None = None
         try:
+            model, outputs, decoded = await self._infer(request, _deadline(context))
+            msg = encode(model, outputs, decoded)
+        except BnserveError as exc:
+            self._account(request, model or self._maybe_model(request), exc.status_code, started)
+            return _Failure(exc.status_code, exc.message)
+        except asyncio.CancelledError:
+            self._account(request, model or self._maybe_model(request), "CANCELLED", started)
+            raise
+        except Exception:
+            log.exception("internal error in inference for model %r", request.model_name)
+            self._account(request, model, "INTERNAL", started)
+            return _Failure("INTERNAL", "internal server error (see server log)")
+        self._account(request, model, "OK", started)
+        return msg
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        try:
             self._state.enter()
         except BnserveError as exc:
-            self._account(request, None, exc.status_code, started)
+            self._account(request, None, exc.status_code, time.perf_counter())
             await context.abort(grpc.StatusCode[exc.status_code], exc.message)
         self._metrics.inflight_inc()
         try:
-            model, outputs, decoded = await self._infer(request, _deadline(context))
-            response = codec.encode_response(
-                model_name=model.name,
-                model_version=model.version,
-                request_id=request.id,
-                outputs=outputs,
-                specs=model.spec.outputs,
-                requested=decoded.requested_outputs,
-            )
-            self._account(request, model, "OK", started)
-            return response
-        except BnserveError as exc:
-            model = model or self._maybe_model(request)
-            self._account(request, model, exc.status_code, started)
-            await context.abort(grpc.StatusCode[exc.status_code], exc.message)
-        except asyncio.CancelledError:
-            self._account(request, model, "CANCELLED", started)
-            raise
-        except Exception:
-            log.exception("internal error in ModelInfer for model %r", request.model_name)
-            self._account(request, model, "INTERNAL", started)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error (see server log)")
+            result = await self._run(request, context, _unary_response)
         finally:
             self._metrics.inflight_dec()
             self._state.leave()
-        raise AssertionError("unreachable: context.abort raises")
+        if isinstance(result, _Failure):
+            await context.abort(grpc.StatusCode[result.code], result.message)
+        assert isinstance(result, pb.ModelInferResponse)
+        return result
 
     def _maybe_model(self, request: pb.ModelInferRequest) -> ServedModel | None:
         try:
@@ -241,38 +284,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(request: pb.ModelInferRequest) -> None:
-            started = time.perf_counter()
-            model: ServedModel | None = None
             try:
-                model, outputs, decoded = await self._infer(request, _deadline(context))
-                msg = codec.encode_stream_response(
-                    model_name=model.name,
-                    model_version=model.version,
-                    request_id=request.id,
-                    outputs=outputs,
-                    specs=model.spec.outputs,
-                    requested=decoded.requested_outputs,
-                )
-                self._account(request, model, "OK", started)
-            except BnserveError as exc:
-                self._account(
-                    request, model or self._maybe_model(request), exc.status_code, started
-                )
-                msg = codec.stream_error(
-                    f"[{exc.status_code}] {exc.message}",
-                    request.id,
-                    model_name=request.model_name,
-                    model_version=request.model_version,
-                )
-            except Exception:
-                log.exception("internal error in ModelStreamInfer for %r", request.model_name)
-                self._account(request, model, "INTERNAL", started)
-                msg = codec.stream_error("[INTERNAL] internal server error", request.id)
+                result = await self._run(request, context, _stream_response)
             finally:
                 self._metrics.inflight_dec()
                 self._state.leave()
                 window.release()
-            out.put_nowait(msg)
+            if isinstance(result, _Failure):
+                result = codec.stream_error(
+                    f"[{result.code}] {result.message}",
+                    request.id,
+                    model_name=request.model_name,
+                    model_version=request.model_version,
+                )
+            out.put_nowait(result)
 
         async def reader() -> None:
             try:

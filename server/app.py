@@ -204,7 +204,11 @@ async def _serve(settings: Settings) -> int:
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
-    return asyncio.run(_serve(settings))
+    try:
+        import uvloop  # optional: a faster event loop when installed
+    except ImportError:
+        return asyncio.run(_serve(settings))
+    return uvloop.run(_serve(settings))
 
 
 @contextlib.contextmanager

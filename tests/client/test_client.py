@@ -230,6 +230,7 @@ def test_stream_keeps_order_over_10000_batches(id_client: InferenceClient) -> No
     batches = (np.full((1, 3), i, np.int64) for i in range(n))
     started = time.perf_counter()
     stream = id_client.stream("id_int64", batches, window=64)
+    _wait_filled(stream, 64)
     seen = 0
     for i, y in enumerate(stream):
         assert isinstance(y, np.ndarray)
@@ -262,6 +263,16 @@ def test_stream_reorders_out_of_order_responses(client: InferenceClient) -> None
     assert stream.out_of_order > 0, "no response arrived out of order: reordering not exercised"
 
 
+def _wait_filled(stream: object, window: int, timeout: float = 30.0) -> None:
+    """The stream sends as soon as it exists and a batch keeps its slot until the caller asks
+    for the next result: before the caller reads anything, the sender must fill the window
+    exactly (and never pass it), however fast the server answers. Polled, bounded."""
+    deadline = time.monotonic() + timeout
+    while stream.max_in_flight < window:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, f"window {window} never filled"
+        time.sleep(0.005)
+
+
 def _outstanding(client: InferenceClient, window: int, n: int = 300) -> tuple[int, int]:
     """Stream n batches; return the most batches outstanding (taken from the iterable, not yet
     handed to the caller) as the caller measures it, and the stream's own figure."""
@@ -275,6 +286,7 @@ def _outstanding(client: InferenceClient, window: int, n: int = 300) -> tuple[in
             yield np.full((2, 3), i, np.float32)
 
     stream = client.stream("id_fp32", batches(), window=window)
+    _wait_filled(stream, window)
     for i, y in enumerate(stream):
         assert float(np.asarray(y)[0, 0]) == i
         counts["received"] += 1

@@ -50,6 +50,34 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if (args.checkpoint is None) == (args.onnx is None):
+        raise ValueError("give either a CHECKPOINT or --onnx MODEL.onnx (one of them)")
+    if args.onnx is not None:
+        # A network trained elsewhere (tf2onnx, ...): BN folded at the ONNX level.
+        import json
+
+        from bnserve.training.onnx_fold import export_onnx_file
+
+        if args.recalibrate:
+            raise ValueError("--recalibrate needs a checkpoint (training data), not --onnx")
+        path = export_onnx_file(
+            args.onnx,
+            args.repo,
+            name=args.name,
+            version=args.version,
+            max_batch_size=args.max_batch_size,
+        )
+        v = json.loads((path.parent.parent / "config.json").read_text())["versions"][
+            path.parent.name
+        ]
+        kept = v["bn_left_unfolded"]
+        print(
+            f"wrote {path} (version {path.parent.name}); "
+            f"{sum(bn['folded'] for bn in v['batchnorm'])} BN folded, {len(kept)} kept"
+            f"{' ' + str(kept) if kept else ''}; parity with the unfolded graph "
+            f"{v['parity_max_rel_error']}"
+        )
+        return 0
     from bnserve.training import stats
     from bnserve.training import train as T
     from bnserve.training.repo import write_entry
@@ -218,9 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("export", help="fold, export to ONNX, verify, write a repository entry")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, nargs="?", help="a `bnserve train` checkpoint")
+    p.add_argument(
+        "--onnx",
+        type=Path,
+        metavar="MODEL.onnx",
+        help="instead of a checkpoint: an ONNX model trained elsewhere (tf2onnx, ...); its "
+        "BatchNormalization nodes are folded into the Conv/ConvTranspose/Gemm/MatMul before them",
+    )
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
-    p.add_argument("--name", help="model name in the repository (default: the checkpoint's)")
+    p.add_argument(
+        "--name",
+        help="model name in the repository (default: the checkpoint's model, or the file's stem)",
+    )
     p.add_argument("--version", type=int, help="version number (default: the next one)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument(

@@ -779,7 +779,16 @@ def export_onnx_file(
         raise OnnxExportError(
             f"the server's frozen gate refuses the result: {exc.message}"
         ) from exc
-    errors = parity(source, folded)
+    try:
+        errors = parity(source, folded)
+    except OnnxExportError as exc:
+        if not made_dynamic:
+            raise
+        raise OnnxExportError(
+            f"{exc}; the first axis of {made_dynamic} was fixed and has been made dynamic, but "
+            "the graph does not run with another batch size (a Reshape to a fixed batch?): "
+            "serve it without batching (max_batch_size 0)"
+        ) from exc
     worst = max(errors.values(), default=0.0)
     if not worst <= tolerance:
         raise OnnxExportError(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnserve.server.model import check_frozen, load_model
 from bnserve.training.onnx_fold import (
     FoldReport,
+    OnnxExportError,
     OnnxFoldError,
     export_onnx_file,
     fold_onnx_batchnorm,
@@ -45,15 +47,15 @@ class Builder:
     def const(self, name: str, shape: tuple[int, ...], *, positive: bool = False) -> str:
         v = self.rng.standard_normal(shape).astype(np.float32)
         if positive:
-            v = np.abs(v) + 0.1
+            v = (np.abs(v) + 0.1).astype(np.float32)
         self.inits.append(numpy_helper.from_array(v, name))
         return name
 
-    def node(self, op: str, inputs: list[str], outputs: list[str], **attrs: object) -> str:
+    def node(self, op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> str:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{outputs[0]}", **attrs))
         return outputs[0]
 
-    def bn(self, x: str, y: str, c: int, *, var_scale: float = 1.0, **attrs: object) -> str:
+    def bn(self, x: str, y: str, c: int, *, var_scale: float = 1.0, **attrs: Any) -> str:
         """BN with non-trivial statistics: scale/bias ~ N(0, 1), mean ~ N(0, 1), var > 0."""
         p = f"{y}_bn"
         scale, bias, mean = (self.const(f"{p}_{k}", (c,)) for k in ("scale", "bias", "mean"))
@@ -366,6 +368,7 @@ def small_conv_net() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     with torch.no_grad():  # non-trivial running statistics
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                assert m.running_mean is not None and m.running_var is not None
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.normal_()
@@ -495,3 +498,31 @@ def test_cli_refuses_training_mode(tmp_path: Path) -> None:
 def test_cli_needs_checkpoint_or_onnx(tmp_path: Path) -> None:
     r = cli("export", "--repo", str(tmp_path))
     assert r.returncode == 2 and "CHECKPOINT or --onnx" in r.stderr, r.stderr
+
+
+def fixed_batch_reshape_model() -> onnx.ModelProto:
+    """Conv + BN then a Reshape to the constant shape [1, 16]: only runs with batch 1."""
+    b = Builder(22)
+    y = b.node("Conv", ["input", b.const("W", (4, 3, 3, 3))], ["conv"])
+    b.bn(y, "bn", 4)
+    shape = numpy_helper.from_array(np.array([1, 16], dtype=np.int64), "shape")
+    b.inits.append(shape)
+    b.node("Reshape", ["bn", "shape"], ["output"])
+    return b.model([1, 3, 4, 4], {"output": [1, 16]})
+
+
+def test_fixed_batch_graph(tmp_path: Path) -> None:
+    """Made dynamic, it fails at batch 16 with the way out; with max_batch_size 0 it is served
+    as it is (batch 1)."""
+    src = tmp_path / "fixed.onnx"
+    onnx.save(fixed_batch_reshape_model(), src)
+    with pytest.raises(OnnxExportError, match=r"made dynamic.*max_batch_size 0"):
+        export_onnx_file(src, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    path = export_onnx_file(src, tmp_path / "repo", max_batch_size=0)
+    config = json.loads((path.parent.parent / "config.json").read_text())
+    assert config["inputs"][0]["shape"] == [1, 3, 4, 4]
+    v = config["versions"]["1"]
+    assert set(v["parity_max_rel_error"]) == {"batch_1"}
+    assert v["source"]["batch_axis_made_dynamic"] == []
+    assert v["bn_left_unfolded"] == []

@@ -39,8 +39,27 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads,
         n_train=args.n_train,
     )
-    result = T.train(cfg, progress=not args.no_progress)
     out = args.out or Path("checkpoints") / f"{args.model}.pt"
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1:
+        from bnserve.training.distributed import launch
+
+        sync_bn = True if args.sync_bn is None else args.sync_bn
+        summary = launch(
+            cfg, nproc=args.nproc, out=out, sync_bn=sync_bn, progress=not args.no_progress
+        )
+        print(
+            f"{args.model}: eval accuracy {summary['accuracy']:.4f} on {summary['n_test']} "
+            f"test samples; checkpoint {out} ({args.nproc} processes, "
+            f"{'SyncBN' if sync_bn else 'per-replica BN'}, median step "
+            f"{summary['step_ms_median']:.1f} ms, replicas' running statistics differ by up to "
+            f"{summary['replica_spread']:.3g})"
+        )
+        return 0
+    if args.sync_bn:
+        logging.getLogger("bnserve.training").info("--sync-bn has no effect with one process")
+    result = T.train(cfg, progress=not args.no_progress)
     T.save_checkpoint(out, result)
     print(
         f"{args.model}: eval accuracy {result.accuracy:.4f} on {len(result.split.y_test)} "
@@ -243,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, help="vol3d: number of generated training volumes")
     p.add_argument("--out", type=Path, help="checkpoint path (default checkpoints/MODEL.pt)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes (DDP over gloo via torchrun, 1 thread each unless "
+        "--threads); --batch-size stays the GLOBAL batch, split across them",
+    )
+    p.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="BN statistics over the whole global batch (default with --nproc > 1); "
+        "--no-sync-bn: each process normalizes with its own shard's statistics",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("export", help="fold, export to ONNX, verify, write a repository entry")

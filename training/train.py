@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -63,6 +63,35 @@ def tf_momentum_to_torch(tf_momentum: float) -> float:
     return round(1.0 - tf_momentum, 12)
 
 
+class DataParallel(Protocol):
+    """How train() runs as one of several data-parallel processes (distributed.py implements it).
+
+    Every process walks the same global batches (same seed, same permutation) and trains on its
+    shard of each. Without one, train() is the single-process loop, unchanged.
+    """
+
+    main: bool  # this process evaluates, logs and recalibrates; the others only train
+    min_batch: int  # a last global batch smaller than this is dropped (every shard needs 2)
+
+    def wrap(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(the model to optimize, evaluate and return; the module to run training steps
+        through, e.g. DistributedDataParallel over it)."""
+        ...
+
+    def shard(self, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This process's part of a global batch, and the factor its mean loss is scaled by so
+        that the averaged gradient is the gradient of the global batch's mean loss."""
+        ...
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sums over all processes (for the logged loss)."""
+        ...
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The trained model as a single-process module (e.g. SyncBatchNorm -> BatchNorm)."""
+        ...
+
+
 @dataclass
 class TrainResult:
     model: nn.Module  # in eval mode
@@ -101,6 +130,7 @@ def train(
     split: data.Split | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = log.info,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -113,6 +143,9 @@ def train(
         f"{cfg.model}: {len(bn)} BN layers, momentum {bn[0].momentum} (PyTorch convention), "
         f"eps {bn[0].eps}"
     )
+    net = model  # what training steps run through
+    if parallel is not None:
+        model, net = parallel.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * -(-len(split.x_train) // cfg.batch_size)
@@ -125,7 +158,8 @@ def train(
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        if len(batches[-1]) < 2:  # BN cannot take a batch of one in train mode
+        min_batch = 2 if parallel is None else parallel.min_batch
+        if len(batches[-1]) < min_batch:  # BN cannot take a batch of one in train mode
             batches.pop()
         total, seen = 0.0, 0
         bar = tqdm(
@@ -135,18 +169,30 @@ def train(
             disable=None if progress else True,
         )  # None: off when not a TTY
         for idx in bar:
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+            weight = 1.0
+            if parallel is not None:
+                idx, weight = parallel.shard(idx)
+            loss = nn.functional.cross_entropy(net(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if weight == 1.0 else loss * weight).backward()
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
+        if parallel is not None:
+            total, n = parallel.sum([total, float(seen)])
+            seen = round(n)
         model.eval()
-        acc = accuracy(model, split.x_test, split.y_test)
+        main = parallel is None or parallel.main
+        acc = accuracy(model, split.x_test, split.y_test) if main else float("nan")
         result.history.append({"epoch": epoch, "loss": total / seen, "accuracy": acc})
         echo(f"epoch {epoch:3d}  loss {total / seen:.4f}  eval accuracy {acc:.4f}")
+    if parallel is not None:
+        model = result.model = parallel.unwrap(model)
+        if not parallel.main:
+            model.eval()
+            return result
     if cfg.recalibrate:
         before = accuracy(model, split.x_test, split.y_test)
         stats.recalibrate(model, split.x_train, batch_size=cfg.batch_size)
@@ -189,6 +235,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, TrainConfig, dict[str,
 
 __all__ = [
     "DEFAULTS",
+    "DataParallel",
     "TrainConfig",
     "TrainResult",
     "accuracy",

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import data
+from . import data, drift_reference
 from .export import ExportReport, export_onnx, session
 from .train import TrainConfig
 
@@ -141,6 +141,9 @@ def write_entry(
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "batchnorm": bn_statistics(model, folded),
     }
+    drift = drift_reference.reference(onnx_path, model, folded, split.x_train)
+    if drift is not None:
+        versions[str(version)]["drift_reference"] = drift
     config["versions"] = dict(sorted(versions.items(), key=lambda kv: int(kv[0])))
     config_path.write_text(json.dumps(config, indent=1) + "\n")
     return onnx_path, config

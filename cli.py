@@ -158,6 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
         "tls_client_ca",
         "auth_token_file",
         "auth_exempt_health",
+        "drift_sample_rate",
     )
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     try:
@@ -335,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="grpc.health.v1.Health needs no token (Kubernetes gRPC probes; default off)",
     )
+    p.add_argument(
+        "--drift-sample-rate",
+        type=float,
+        metavar="R",
+        help="score a fraction R of the batches for drift against the BN statistics, "
+        "gauge bnserve_bn_drift (docs/drift.md; default 0 = off)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("health", help="grpc.health.v1 probe: exit 0 when SERVING")
@@ -380,6 +388,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-server-name", help="name to verify in the server's certificate")
     p.set_defaults(func=_infer)
     # <<< infer subcommand
+
+    def _drift(args: argparse.Namespace) -> int:
+        from bnserve.client.drift import run
+
+        return run(args)
+
+    p = sub.add_parser(
+        "drift", help="per-layer BN drift scores of a server, scraped from its /metrics"
+    )
+    p.add_argument(
+        "--metrics-url",
+        default="http://127.0.0.1:8002/metrics",
+        help="the server's Prometheus endpoint (default http://127.0.0.1:8002/metrics)",
+    )
+    p.add_argument("--model", help="only this model (default: all)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="flag layers above this score and exit 2 (docs/drift.md suggests one)",
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (5)")
+    p.set_defaults(func=_drift)
 
     # >>> bench subcommand (owned by the load tester's author)
     def _bench(args: argparse.Namespace) -> int:
@@ -429,6 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", type=Path, metavar="FILE.png", help="latency histogram + throughput over time"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--input-npy", type=Path, metavar="FILE", help="rows of the input from a .npy (cycled)"
+    )
+    p.add_argument(
+        "--drift-input",
+        choices=["noise", "shift", "contrast"],
+        help="drifted traffic: + N(0, 0.5), roll by 2 pixels, or 1 - x (docs/drift.md)",
+    )
     p.set_defaults(func=_bench)
     # <<< bench subcommand
     return parser

@@ -171,6 +171,8 @@ class BenchConfig:
     seed: int = 0
     retries: int = 0  # re-sends of a request that failed with UNAVAILABLE, to the next target
     progress: bool = True  # a tqdm bar on stderr; off anyway when stderr is not a TTY
+    input_npy: str | None = None  # rows of the first input from this .npy (default: random)
+    drift_input: DriftKind | None = None  # transform the input (docs/drift.md)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -198,6 +200,8 @@ class BenchConfig:
             raise ValueError(f"streams must be >= 1, got {self.streams}")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0, got {self.timeout}")
+        if self.drift_input is not None and self.drift_input not in DRIFT_KINDS:
+            raise ValueError(f"drift_input must be one of {DRIFT_KINDS}, got {self.drift_input!r}")
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.retries < 0:
@@ -298,6 +302,31 @@ def _input_shape(name: str, dims: Sequence[int], batch: int) -> tuple[list[int],
     return shape, rows
 
 
+DriftKind = Literal["noise", "shift", "contrast"]
+DRIFT_KINDS: tuple[str, ...] = ("noise", "shift", "contrast")
+
+
+def drift_transform(x: np.ndarray, kind: str, *, seed: int = 0) -> np.ndarray:
+    """Drifted copy of a float batch (docs/drift.md): noise = + N(0, 0.5), shift = roll the last
+    axis by 2 pixels, contrast = 1 - x (inverted)."""
+    if kind == "noise":
+        noise = np.random.default_rng(seed).normal(0.0, 0.5, size=x.shape)
+        return (x + noise).astype(x.dtype)
+    if kind == "shift":
+        return np.roll(x, 2, axis=-1)
+    if kind == "contrast":
+        return (1 - x).astype(x.dtype)
+    raise ValueError(f"unknown drift kind {kind!r}; expected one of {DRIFT_KINDS}")
+
+
+def _rows_from(data: np.ndarray, shape: list[int], dtype: Any) -> np.ndarray:
+    """shape[0] rows of `data` (cycled when it has fewer), checked against the input's shape."""
+    if list(data.shape[1:]) != shape[1:]:
+        raise ValueError(f"--input-npy rows have shape {list(data.shape[1:])}, need {shape[1:]}")
+    idx = np.arange(shape[0]) % len(data)
+    return np.asarray(data[idx], dtype=dtype)
+
+
 def build_workload(
     model: str,
     version: str,
@@ -305,8 +334,11 @@ def build_workload(
     *,
     batch: int,
     seed: int = 0,
+    data: np.ndarray | None = None,
+    drift: str | None = None,
 ) -> Workload:
-    """The request for `inputs` (name, datatype, metadata shape), random data, raw bytes."""
+    """The request for `inputs` (name, datatype, metadata shape), raw bytes. Random data, or for
+    the first input rows of `data`; `drift` transforms float inputs (drift_transform)."""
     rng = np.random.default_rng(seed)
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     shapes: dict[str, list[int]] = {}
@@ -316,14 +348,18 @@ def build_workload(
         dtype = _DTYPES.get(datatype)
         if dtype is None:
             raise ValueError(f"input {name!r}: datatype {datatype} is not supported by bench")
-        if np.issubdtype(dtype, np.floating):
-            data = rng.standard_normal(shape).astype(dtype)
+        if data is not None and not shapes:  # the first input
+            values = _rows_from(data, shape, dtype)
+        elif np.issubdtype(dtype, np.floating):
+            values = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_:
-            data = rng.integers(0, 2, size=shape).astype(np.bool_)
+            values = rng.integers(0, 2, size=shape).astype(np.bool_)
         else:
-            data = rng.integers(0, 10, size=shape).astype(dtype)
+            values = rng.integers(0, 10, size=shape).astype(dtype)
+        if drift is not None and np.issubdtype(dtype, np.floating):
+            values = drift_transform(values, drift, seed=seed)
         request.inputs.add(name=name, datatype=datatype, shape=shape)
-        request.raw_input_contents.append(np.ascontiguousarray(data).tobytes())
+        request.raw_input_contents.append(np.ascontiguousarray(values).tobytes())
         shapes[name] = shape
     return Workload(request.SerializeToString(), rows, shapes)
 
@@ -374,6 +410,8 @@ async def _fetch_workload(channel: grpc.aio.Channel, config: BenchConfig) -> Wor
         [(t.name, t.datatype, list(t.shape)) for t in meta.inputs],
         batch=config.batch,
         seed=config.seed,
+        data=None if config.input_npy is None else np.load(config.input_npy),
+        drift=config.drift_input,
     )
 
 
@@ -1118,6 +1156,8 @@ def config_from_args(args: Any) -> BenchConfig:
         seed=args.seed,
         retries=getattr(args, "retries", 0),
         progress=not args.no_progress,
+        input_npy=None if getattr(args, "input_npy", None) is None else str(args.input_npy),
+        drift_input=getattr(args, "drift_input", None),
     )
 
 

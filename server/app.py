@@ -74,6 +74,8 @@ class App:
             on_change=self._on_model_change,
             on_load_failure=lambda n, v, reason: self.metrics.load_failure(n),
             grace=settings.grace,
+            drift_sample_rate=settings.drift_sample_rate,
+            drift_sink=self.metrics,
         )
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),

@@ -39,7 +39,7 @@ from .errors import (
 )
 from .model import SessionPool, validate_inputs
 
-__all__ = ["BatchObserver", "Batcher", "BatchingConfig", "Outcome"]
+__all__ = ["BatchObserver", "BatchSampler", "Batcher", "BatchingConfig", "Outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,17 @@ class BatchObserver(Protocol):
 
     def on_queue_depth(self, depth: int) -> None:
         """The number of queued (not yet batched) requests changed."""
+
+
+class BatchSampler(Protocol):
+    """Receives a fraction of the batches' inputs (drift monitoring, server/drift.py); called on
+    the event loop thread after the batch's results were delivered, and must not block."""
+
+    def want(self) -> bool:
+        """Whether the batch that just ran is sampled (called once per successful batch)."""
+
+    def offer(self, inputs: list[dict[str, np.ndarray]]) -> None:
+        """A sampled batch's per-request input arrays, by reference: read them, never mutate."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,6 +156,7 @@ class Batcher:
         preferred_batch_sizes: Sequence[int] = (),
         max_queue_size: int = 1024,
         observer: BatchObserver | None = None,
+        sampler: BatchSampler | None = None,
     ) -> None:
         self.config = BatchingConfig(
             max_batch_size=max_batch_size,
@@ -154,6 +166,7 @@ class Batcher:
         )
         self._pool = pool
         self._observer = observer
+        self._sampler = sampler
         self._slots = pool.size  # one batch in flight per session
         # One worker per session: a batch never waits for a thread, only for a session.
         self._executor = ThreadPoolExecutor(max_workers=self._slots, thread_name_prefix="bnserve")
@@ -172,7 +185,11 @@ class Batcher:
 
     @classmethod
     def from_config(
-        cls, pool: SessionPool, config: BatchingConfig, observer: BatchObserver | None = None
+        cls,
+        pool: SessionPool,
+        config: BatchingConfig,
+        observer: BatchObserver | None = None,
+        sampler: BatchSampler | None = None,
     ) -> Batcher:
         return cls(
             pool,
@@ -181,6 +198,7 @@ class Batcher:
             preferred_batch_sizes=config.preferred_batch_sizes,
             max_queue_size=config.max_queue_size,
             observer=observer,
+            sampler=sampler,
         )
 
     # ------------------------------------------------------------------------------ properties
@@ -422,6 +440,12 @@ class Batcher:
             if not req.future.done():
                 req.future.set_result(out)
                 self._notify_done(self._queue_time(req), "ok")
+        if self._sampler is not None:
+            try:
+                if self._sampler.want():
+                    self._sampler.offer([r.arrays for r in batch])
+            except Exception:
+                log.exception("batch sampler failed")
 
     def _batch_done(self) -> None:
         assert self._sem is not None and self._wakeup is not None

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     )
     max_message_mb: int = Field(default=64, ge=1, le=2047, description="gRPC message size limit")
     log_level: str = Field(default="INFO")
+    drift_sample_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="fraction of batches scored for drift against the BN statistics; 0: off",
+    )
     # Security (docs/security.md). Files are read and checked once at start (server/security.py).
     tls_cert: Path | None = Field(default=None, description="server certificate chain (PEM)")
     tls_key: Path | None = Field(default=None, description="server private key (PEM)")

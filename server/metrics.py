@@ -27,13 +27,19 @@ Sample names (what `/metrics` shows and `snapshot` reads):
     bnserve_queue_depth{model,version}                    gauge
     bnserve_model_load_failures_total{model}
     bnserve_model_ready{model,version}                    gauge, 1/0
+    bnserve_bn_drift{model,version,layer}                 gauge, drift score (docs/drift.md)
+    bnserve_bn_drift_channels{model,version,layer}        gauge, channels of that layer
+    bnserve_drift_samples_total{model,version}            batches scored by the drift monitor
+    bnserve_drift_dropped_total{model,version}            sampled batches dropped (queue full)
+The drift series exist only with --drift-sample-rate > 0, for versions with a drift reference.
 Counters and histograms also get prometheus-client's `_created` series.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Final
 from wsgiref.simple_server import WSGIServer
@@ -236,6 +242,31 @@ class Metrics:
             _MV,
             registry=r,
         )
+        self.bn_drift = Gauge(
+            "bnserve_bn_drift",
+            "Symmetric KL divergence between the training and the live per-channel Gaussians of "
+            "a folded BN layer's output, averaged over channels.",
+            (*_MV, "layer"),
+            registry=r,
+        )
+        self.bn_drift_channels = Gauge(
+            "bnserve_bn_drift_channels",
+            "Channels of a drift-monitored layer (the score is their mean).",
+            (*_MV, "layer"),
+            registry=r,
+        )
+        self.drift_samples = Counter(
+            "bnserve_drift_samples",
+            "Sampled batches the drift monitor scored.",
+            _MV,
+            registry=r,
+        )
+        self.drift_dropped = Counter(
+            "bnserve_drift_dropped",
+            "Sampled batches the drift monitor dropped because its queue was full.",
+            _MV,
+            registry=r,
+        )
         self._mv_collectors: tuple[Counter | Gauge | Histogram, ...] = (
             self.request_success,
             self.inference_count,
@@ -250,7 +281,15 @@ class Metrics:
         )
         self._samples = frozenset(
             fam.name + suffix
-            for collector in (*self._mv_collectors, self.request_failure, self.model_load_failures)
+            for collector in (
+                *self._mv_collectors,
+                self.request_failure,
+                self.model_load_failures,
+                self.bn_drift,
+                self.bn_drift_channels,
+                self.drift_samples,
+                self.drift_dropped,
+            )
             for fam in collector.describe()
             for suffix in _SAMPLE_SUFFIXES[fam.type]
         ) | {"bnserve_inflight_requests"}
@@ -327,6 +366,28 @@ class Metrics:
             for key in [k for k in self._failures if k[:2] == (model, version)]:
                 del self._failures[key]
                 self.request_failure.remove(*key)
+
+    # ------------------------------------------------------------------------------ drift
+
+    def drift_score(
+        self, model: str, version: str, layer: str, score: float, channels: int
+    ) -> None:
+        self.bn_drift.labels(model, version, layer).set(score)
+        self.bn_drift_channels.labels(model, version, layer).set(channels)
+
+    def drift_sample(self, model: str, version: str, dropped: bool) -> None:
+        (self.drift_dropped if dropped else self.drift_samples).labels(model, version).inc()
+
+    def drift_remove(self, model: str, version: str, layers: Sequence[str]) -> None:
+        """Drop a monitor's series (its version was unloaded)."""
+        with self._lock:
+            for layer in layers:
+                for gauge in (self.bn_drift, self.bn_drift_channels):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(model, version, layer)
+            for counter in (self.drift_samples, self.drift_dropped):
+                with contextlib.suppress(KeyError):
+                    counter.remove(model, version)
 
     # ------------------------------------------------------------------------------ exposition
 

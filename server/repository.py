@@ -53,6 +53,7 @@ from typing import Any, Literal
 import onnx
 
 from .batcher import Batcher, BatchingConfig, BatchObserver
+from .drift import DriftMonitor, DriftSink, parse_reference
 from .errors import (
     BnserveError,
     InvalidInputError,
@@ -351,6 +352,7 @@ class ServedModel:
     config: ModelConfigFile
     path: str  # the resolved model.onnx
     sha256: str
+    drift: DriftMonitor | None = None  # only with drift_sample_rate > 0 and a drift reference
 
     @property
     def max_batch_size(self) -> int:
@@ -556,6 +558,8 @@ class Repository:
     on_load_failure(name, version, reason): a version (or, with version "", a whole model's
     config.json) was refused.
     grace: seconds a replaced or unloaded version's batcher gets to drain.
+    drift_sample_rate: > 0 gives each version whose config.json has a drift reference a
+    DriftMonitor (server/drift.py) fed that fraction of its batches, scores going to drift_sink.
     """
 
     def __init__(
@@ -567,9 +571,15 @@ class Repository:
         on_change: Callable[[str, bool], None] | None = None,
         on_load_failure: Callable[[str, str, str], None] | None = None,
         grace: float = DEFAULT_GRACE_S,
+        drift_sample_rate: float = 0.0,
+        drift_sink: DriftSink | None = None,
     ) -> None:
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
+        if not 0.0 <= drift_sample_rate <= 1.0:
+            raise ValueError(f"drift_sample_rate must be in [0, 1], got {drift_sample_rate}")
+        self._drift_rate = drift_sample_rate
+        self._drift_sink = drift_sink
         self._root = Path(root).resolve()
         self._instances = instances
         self._observer_factory = observer_factory
@@ -963,7 +973,7 @@ class Repository:
                     res.refused[v.version] = a.reason
                     return keep
             try:
-                loaded, batching = await asyncio.to_thread(
+                loaded, batching, drift = await asyncio.to_thread(
                     self._load_version, m.name, v.version, path, cfg
                 )
             except ModelLoadError as exc:
@@ -982,10 +992,11 @@ class Repository:
             version=v.version,
             spec=loaded.spec,
             loaded=loaded,
-            batcher=Batcher.from_config(loaded.pool, batching, observer),
+            batcher=Batcher.from_config(loaded.pool, batching, observer, drift),
             config=cfg,
             path=path,
             sha256=sha,
+            drift=drift,
         )
         v.attempt = None
         v.reason = ""
@@ -1015,8 +1026,9 @@ class Repository:
 
     def _load_version(
         self, name: str, version: str, path: str, cfg: ModelConfigFile
-    ) -> tuple[LoadedModel, BatchingConfig]:
-        """Worker thread: gate and load one model.onnx; returns it with its batching config."""
+    ) -> tuple[LoadedModel, BatchingConfig, DriftMonitor | None]:
+        """Worker thread: gate and load one model.onnx; returns it with its batching config and
+        its drift monitor (None unless drift monitoring is on and config.json has a reference)."""
         mbs = cfg.max_batch_size
         if mbs is None:
             mbs = DERIVED_MAX_BATCH_SIZE if _first_dims_dynamic(path) else 0
@@ -1048,7 +1060,31 @@ class Repository:
         except BaseException:
             loaded.close()
             raise
-        return loaded, batching
+        return loaded, batching, self._drift_monitor(name, version, path, cfg)
+
+    def _drift_monitor(
+        self, name: str, version: str, path: str, cfg: ModelConfigFile
+    ) -> DriftMonitor | None:
+        if self._drift_rate <= 0:
+            return None
+        layers = parse_reference(cfg.raw, version)
+        if not layers:
+            return None
+        try:
+            monitor = DriftMonitor(
+                name, version, path, layers, rate=self._drift_rate, sink=self._drift_sink
+            )
+        except Exception:  # optional: a monitor that cannot be built never blocks serving
+            log.exception("model %s version %s: no drift monitor", name, version)
+            return None
+        log.info(
+            "model %s version %s: drift monitor on %d layers, sample rate %g",
+            name,
+            version,
+            len(layers),
+            self._drift_rate,
+        )
+        return monitor
 
     def _observer(self, name: str, version: str) -> BatchObserver | None:
         if self._observer_factory is None:
@@ -1089,11 +1125,15 @@ class Repository:
             await served.batcher.close(grace)
         finally:
             served.loaded.close()
+            if served.drift is not None:
+                await asyncio.to_thread(served.drift.close)
             v.draining -= 1
 
     async def _discard(self, served: ServedModel) -> None:
         await served.batcher.close(0.0)
         served.loaded.close()
+        if served.drift is not None:
+            await asyncio.to_thread(served.drift.close)
 
     def _drop_all(self, m: _Model, why: str) -> None:
         for v in m.versions.values():

@@ -1,0 +1,244 @@
+"""Drift monitoring from the frozen BN statistics (docs/drift.md). Off unless
+`--drift-sample-rate` > 0.
+
+A folded Conv / Gemm outputs what its BN output in training; config.json records, per such layer
+and channel, the mean and variance of that output over the training data
+(versions[v]["drift_reference"], written by training/drift_reference.py). A DriftMonitor runs a
+sampled fraction of the served batches through its own one-session copy of the model that also
+outputs those tensors, keeps a running per-channel mean and variance of each, and scores each
+layer by the symmetric KL divergence between the reference and live per-channel Gaussians,
+averaged over channels.
+
+The request path only pays `want()` (a counter) per batch and, for a sampled batch, a
+non-blocking put of references to the request arrays onto a bounded queue, after the batch's
+results were delivered. Everything else runs on the monitor's single worker thread; a sample that
+finds the queue full is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .model import session_options
+
+__all__ = ["DriftMonitor", "DriftSink", "LayerReference", "parse_reference", "symmetric_kl"]
+
+log = logging.getLogger(__name__)
+
+QUEUE_SIZE = 4  # sampled batches waiting for the worker; more are dropped
+WINDOW = 32  # running statistics: cumulative over the first WINDOW samples, then an EMA
+VAR_EPS = 1e-5  # added to both variances (BN's usual eps): dead channels stay finite
+
+
+class DriftSink(Protocol):
+    """Where scores go (server/metrics.py Metrics). Called on the monitor's worker thread."""
+
+    def drift_score(
+        self, model: str, version: str, layer: str, score: float, channels: int
+    ) -> None: ...
+
+    def drift_sample(self, model: str, version: str, dropped: bool) -> None: ...
+
+    def drift_remove(self, model: str, version: str, layers: Sequence[str]) -> None: ...
+
+
+@dataclass(frozen=True)
+class LayerReference:
+    tensor: str  # ONNX tensor name (output of the Conv / Gemm that absorbed the BN)
+    layer: str  # BN layer name, or the tensor name when unknown
+    mean: np.ndarray  # (C,) float64
+    var: np.ndarray  # (C,) float64
+
+
+def parse_reference(raw: Mapping[str, Any], version: str) -> list[LayerReference]:
+    """The drift reference of one version from a config.json object; [] when there is none or
+    it is malformed (logged: drift monitoring is optional, serving is not)."""
+    try:
+        ref = raw.get("versions", {}).get(version, {}).get("drift_reference")
+        if not ref:
+            return []
+        out = []
+        for item in ref["layers"]:
+            mean = np.asarray(item["mean"], dtype=np.float64)
+            var = np.asarray(item["var"], dtype=np.float64)
+            if mean.ndim != 1 or mean.shape != var.shape or not len(mean):
+                raise ValueError(f"layer {item.get('tensor')}: mean and var must be equal (C,)")
+            tensor = str(item["tensor"])
+            out.append(LayerReference(tensor, str(item.get("layer") or tensor), mean, var))
+        return out
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        log.warning("version %s: ignoring a malformed drift_reference: %s", version, exc)
+        return []
+
+
+def symmetric_kl(
+    mean_p: np.ndarray, var_p: np.ndarray, mean_q: np.ndarray, var_q: np.ndarray
+) -> np.ndarray:
+    """KL(p||q) + KL(q||p) of 1-D Gaussians, elementwise:
+    0.5 * (vp/vq + vq/vp - 2 + (mp - mq)^2 * (1/vp + 1/vq)); the log terms cancel."""
+    vp, vq = var_p + VAR_EPS, var_q + VAR_EPS
+    d2 = np.square(mean_p - mean_q)
+    return 0.5 * (vp / vq + vq / vp - 2.0 + d2 * (1.0 / vp + 1.0 / vq))
+
+
+class _Running:
+    """Running per-channel first and second moments of one layer's output."""
+
+    __slots__ = ("m1", "m2")
+
+    def __init__(self) -> None:
+        self.m1: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def update(self, x: np.ndarray, weight: float) -> None:
+        axes = (0, *range(2, x.ndim))
+        x64 = x.astype(np.float64, copy=False)
+        m1, m2 = x64.mean(axis=axes), np.square(x64).mean(axis=axes)
+        if self.m1 is None or self.m2 is None:
+            self.m1, self.m2 = m1, m2
+        else:
+            self.m1 += weight * (m1 - self.m1)
+            self.m2 += weight * (m2 - self.m2)
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.m1 is not None and self.m2 is not None
+        return self.m1, np.maximum(self.m2 - np.square(self.m1), 0.0)
+
+
+def _with_outputs(path: str, tensors: Sequence[str]) -> bytes:
+    proto = onnx.load(path)
+    present = {o.name for o in proto.graph.output}
+    for name in tensors:
+        if name not in present:
+            proto.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
+    return proto.SerializeToString()
+
+
+class DriftMonitor:
+    """Per-layer drift scores of one served model version.
+
+    `want()` and `offer()` are the batcher's sampler (server/batcher.py BatchSampler): called on
+    the event loop, never blocking. `close()` stops the worker and removes the version's series.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        path: str,
+        layers: Sequence[LayerReference],
+        *,
+        rate: float,
+        sink: DriftSink | None = None,
+    ) -> None:
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"drift sample rate must be in (0, 1], got {rate}")
+        if not layers:
+            raise ValueError("no reference layers")
+        self.model, self.version, self.rate = model, version, rate
+        self.layers = list(layers)
+        self._sink = sink
+        self._names = [ref.tensor for ref in self.layers]
+        self._session = ort.InferenceSession(
+            _with_outputs(path, self._names), session_options(), providers=["CPUExecutionProvider"]
+        )
+        self._input_names = [i.name for i in self._session.get_inputs()]
+        self._running = [_Running() for _ in self.layers]
+        self._batches = 0  # deterministic sampling: every batch where floor(n * rate) steps
+        self._lock = threading.Lock()  # scores/samples are read from other threads
+        self._scores: dict[str, float] = {}
+        self.samples = 0
+        self.dropped = 0
+        self._queue: queue.Queue[list[dict[str, np.ndarray]] | None] = queue.Queue(QUEUE_SIZE)
+        self._thread = threading.Thread(
+            target=self._work, name=f"bnserve-drift-{model}-{version}", daemon=True
+        )
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------ request path
+
+    def want(self) -> bool:
+        """Whether this batch is sampled: a deterministic counter, rate R = 1 in every 1/R."""
+        n = self._batches = self._batches + 1
+        return math.floor(n * self.rate) != math.floor((n - 1) * self.rate)
+
+    def offer(self, inputs: list[dict[str, np.ndarray]]) -> None:
+        """Queue one batch's per-request input arrays (references, never mutated), or drop it."""
+        try:
+            self._queue.put_nowait(inputs)
+        except queue.Full:
+            self.dropped += 1
+            if self._sink is not None:
+                self._sink.drift_sample(self.model, self.version, True)
+
+    # ------------------------------------------------------------------------------ worker
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self._observe(item)
+            except Exception:
+                log.exception("drift monitor %s/%s: sample failed", self.model, self.version)
+
+    def _observe(self, inputs: list[dict[str, np.ndarray]]) -> None:
+        if len(inputs) == 1:
+            feed = {name: inputs[0][name] for name in self._input_names}
+        else:
+            feed = {name: np.concatenate([a[name] for a in inputs]) for name in self._input_names}
+        outs = self._session.run(self._names, feed)
+        n = self.samples + 1
+        weight = max(1.0 / n, 1.0 / WINDOW)
+        scores: dict[str, float] = {}
+        for ref, running, out in zip(self.layers, self._running, outs, strict=True):
+            running.update(np.asarray(out), weight)
+            mean, var = running.moments()
+            scores[ref.layer] = float(symmetric_kl(ref.mean, ref.var, mean, var).mean())
+        with self._lock:
+            self._scores = scores
+            self.samples = n
+        if self._sink is not None:
+            for ref in self.layers:
+                self._sink.drift_score(
+                    self.model, self.version, ref.layer, scores[ref.layer], len(ref.mean)
+                )
+            self._sink.drift_sample(self.model, self.version, False)
+
+    # ------------------------------------------------------------------------------ reading
+
+    def scores(self) -> dict[str, float]:
+        """{layer: score} after the latest processed sample ({} before the first)."""
+        with self._lock:
+            return dict(self._scores)
+
+    def idle(self) -> bool:
+        """Nothing queued (the sample being computed, if any, may still be running)."""
+        return self._queue.empty()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker (queued samples are discarded) and remove the exported series."""
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        with contextlib.suppress(queue.Full):  # emptied above; never block anyway
+            self._queue.put_nowait(None)
+        self._thread.join(timeout)
+        if self._sink is not None:
+            self._sink.drift_remove(self.model, self.version, [ref.layer for ref in self.layers])

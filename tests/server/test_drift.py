@@ -1,0 +1,147 @@
+"""Drift monitoring (docs/drift.md): a served digits model scores clean test digits low and
+noised, shifted or inverted digits high, layer by layer; off by default."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnserve.client.bench import drift_transform
+from bnserve.client.client import InferenceClient
+from bnserve.client.drift import render, scrape
+from bnserve.server.app import serve_in_thread
+from bnserve.server.config import Settings
+from bnserve.server.drift import DriftMonitor, symmetric_kl
+from bnserve.training.data import digits
+
+BUNDLED = Path(__file__).resolve().parents[2] / "model_repository"
+EARLY = ("features.1", "features.4")  # the first two folded BN layers of digits
+THRESHOLD = 0.002  # docs/drift.md: alarm when an early layer's score is above this
+CLEAN_MAX = 0.02  # every layer, clean digits (measured <= 0.004)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("drift") / "repo"
+    (root / "digits").mkdir(parents=True)
+    shutil.copy(BUNDLED / "digits" / "config.json", root / "digits" / "config.json")
+    shutil.copytree(BUNDLED / "digits" / "1", root / "digits" / "1")
+    return root
+
+
+@pytest.fixture(scope="module")
+def x_test() -> np.ndarray:
+    return digits().x_test
+
+
+def _settings(repo: Path, rate: float) -> Settings:
+    return Settings(
+        repo=repo, host="127.0.0.1", port=0, metrics_port=0, instances=1, drift_sample_rate=rate
+    )
+
+
+def _send(port: int, x: np.ndarray, rows: int = 16) -> int:
+    with InferenceClient(f"127.0.0.1:{port}", timeout=10) as client:
+        for i in range(0, len(x), rows):
+            client.infer("digits", x[i : i + rows])
+    return (len(x) + rows - 1) // rows
+
+
+def _caught_up(monitor: DriftMonitor, batches: int) -> Callable[[], bool]:
+    return lambda: monitor.samples + monitor.dropped >= batches
+
+
+def test_symmetric_kl() -> None:
+    m, v = np.array([0.0, 1.0]), np.array([1.0, 4.0])
+    assert np.allclose(symmetric_kl(m, v, m, v), 0.0)
+    got = symmetric_kl(np.array([0.0]), np.array([1.0]), np.array([1.0]), np.array([2.0]))
+    vp, vq = 1 + 1e-5, 2 + 1e-5
+    kl = 0.5 * (vp / vq + 1 / vq - 1 + np.log(vq / vp)) + 0.5 * (
+        vq / vp + 1 / vp - 1 + np.log(vp / vq)
+    )
+    assert got[0] == pytest.approx(kl)
+
+
+@pytest.mark.parametrize("kind", [None, "noise", "shift", "contrast"])
+def test_scores_clean_low_drifted_high(repo: Path, x_test: np.ndarray, kind: str | None) -> None:
+    x = x_test if kind is None else drift_transform(x_test, kind, seed=0)
+    with serve_in_thread(_settings(repo, 1.0)) as app:
+        monitor = app.repository.get("digits").drift
+        assert monitor is not None and [r.layer for r in monitor.layers][:2] == list(EARLY)
+        batches = _send(app.port, x)
+        wait_for(_caught_up(monitor, batches))
+        assert monitor.samples >= batches // 2
+        scores = monitor.scores()
+        # The gauge carries the same values (set after the scores, so poll for it).
+        wait_for(
+            lambda: (
+                app.metrics.snapshot("bnserve_drift_samples_total", model="digits", version="1")
+                == monitor.samples
+            )
+        )
+        for layer, score in scores.items():
+            gauge = app.metrics.snapshot(
+                "bnserve_bn_drift", model="digits", version="1", layer=layer
+            )
+            assert gauge == pytest.approx(score)
+        if kind is None:
+            assert all(s < CLEAN_MAX for s in scores.values()), scores
+            assert all(scores[layer] < THRESHOLD / 5 for layer in EARLY), scores
+            # `bnserve drift` reads the same report from /metrics.
+            rows = scrape(f"http://127.0.0.1:{app.metrics_port}/metrics", "digits")
+            assert {r.layer: r.score for r in rows} == pytest.approx(scores)
+            assert [r.channels for r in rows] == [32, 64, 64]
+            assert "features.1" in render(rows, THRESHOLD) and "DRIFT" not in render(
+                rows, THRESHOLD
+            )
+        else:
+            assert all(scores[layer] > 2 * THRESHOLD for layer in EARLY), scores
+
+
+def test_gauge_moves_from_clean_to_drifted(repo: Path, x_test: np.ndarray) -> None:
+    with serve_in_thread(_settings(repo, 1.0)) as app:
+        monitor = app.repository.get("digits").drift
+        assert monitor is not None
+        sent = _send(app.port, x_test)
+        wait_for(_caught_up(monitor, sent))
+        clean = app.metrics.snapshot(
+            "bnserve_bn_drift", model="digits", version="1", layer=EARLY[0]
+        )
+        sent += _send(app.port, drift_transform(x_test, "noise"))
+        wait_for(_caught_up(monitor, sent))
+        wait_for(
+            lambda: (
+                app.metrics.snapshot(
+                    "bnserve_bn_drift", model="digits", version="1", layer=EARLY[0]
+                )
+                > 10 * max(clean, THRESHOLD)
+            )
+        )
+
+
+def test_off_by_default(repo: Path, x_test: np.ndarray) -> None:
+    assert Settings().drift_sample_rate == 0.0
+    with serve_in_thread(_settings(repo, 0.0)) as app:
+        assert app.repository.get("digits").drift is None
+        _send(app.port, x_test[:32])
+        text = app.metrics.render().decode()
+        assert "bnserve_bn_drift{" not in text and "bnserve_drift_samples_total{" not in text
+
+
+def test_sampling_rate_is_deterministic(repo: Path) -> None:
+    with serve_in_thread(_settings(repo, 0.25)) as app:
+        monitor = app.repository.get("digits").drift
+        assert monitor is not None
+        assert sum(monitor.want() for _ in range(400)) == 100

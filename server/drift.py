@@ -101,10 +101,9 @@ class _Running:
         self.m1: np.ndarray | None = None
         self.m2: np.ndarray | None = None
 
-    def update(self, x: np.ndarray, weight: float) -> None:
-        axes = (0, *range(2, x.ndim))
-        x64 = x.astype(np.float64, copy=False)
-        m1, m2 = x64.mean(axis=axes), np.square(x64).mean(axis=axes)
+    def update(self, m1: np.ndarray, m2: np.ndarray, weight: float) -> None:
+        """Fold in one sample's per-channel E[x] and E[x^2]."""
+        m1, m2 = m1.astype(np.float64), m2.astype(np.float64)
         if self.m1 is None or self.m2 is None:
             self.m1, self.m2 = m1, m2
         else:
@@ -116,6 +115,40 @@ class _Running:
         return self.m1, np.maximum(self.m2 - np.square(self.m1), 0.0)
 
 
+def _moments_graph(path: str, tensors: Sequence[str]) -> tuple[bytes, list[str]] | None:
+    """A copy of the model that also outputs, per tensor, its per-channel E[x] and E[x^2]
+    (ReduceMean over every axis but 1), so a sample is one onnxruntime call that releases the
+    GIL. None when a tensor's rank is unknown or the opset predates ReduceMean's axes input."""
+    proto = onnx.shape_inference.infer_shapes(onnx.load(path))
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in (*proto.graph.value_info, *proto.graph.output)
+        if v.type.tensor_type.HasField("shape")
+    }
+    if opset < 18 or any(ranks.get(t, 0) < 2 for t in tensors):
+        return None
+    outputs: list[str] = []
+    h = onnx.helper
+    for i, t in enumerate(tensors):
+        axes = f"bnserve_drift_axes_{i}"
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.array([0, *range(2, ranks[t])], np.int64), axes)
+        )
+        sq, m1, m2 = (f"bnserve_drift_{k}_{i}" for k in ("sq", "m1", "m2"))
+        proto.graph.node.extend(
+            [
+                h.make_node("ReduceMean", [t, axes], [m1], keepdims=0),
+                h.make_node("Mul", [t, t], [sq]),
+                h.make_node("ReduceMean", [sq, axes], [m2], keepdims=0),
+            ]
+        )
+        for name in (m1, m2):
+            proto.graph.output.append(h.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        outputs += [m1, m2]
+    return proto.SerializeToString(), outputs
+
+
 def _with_outputs(path: str, tensors: Sequence[str]) -> bytes:
     proto = onnx.load(path)
     present = {o.name for o in proto.graph.output}
@@ -125,6 +158,12 @@ def _with_outputs(path: str, tensors: Sequence[str]) -> bytes:
                 onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
             )
     return proto.SerializeToString()
+
+
+def _channel_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    axes = (0, *range(2, x.ndim))
+    x64 = x.astype(np.float64, copy=False)
+    return x64.mean(axis=axes), np.square(x64).mean(axis=axes)
 
 
 class DriftMonitor:
@@ -151,9 +190,13 @@ class DriftMonitor:
         self.model, self.version, self.rate = model, version, rate
         self.layers = list(layers)
         self._sink = sink
-        self._names = [ref.tensor for ref in self.layers]
+        tensors = [ref.tensor for ref in self.layers]
+        graph = _moments_graph(path, tensors)
+        # In-graph moments (two outputs per layer), else the raw tensors and numpy.
+        self._in_graph = graph is not None
+        built, self._names = graph if graph is not None else (_with_outputs(path, tensors), tensors)
         self._session = ort.InferenceSession(
-            _with_outputs(path, self._names), session_options(), providers=["CPUExecutionProvider"]
+            built, session_options(), providers=["CPUExecutionProvider"]
         )
         self._input_names = [i.name for i in self._session.get_inputs()]
         self._running = [_Running() for _ in self.layers]
@@ -205,8 +248,12 @@ class DriftMonitor:
         n = self.samples + 1
         weight = max(1.0 / n, 1.0 / WINDOW)
         scores: dict[str, float] = {}
-        for ref, running, out in zip(self.layers, self._running, outs, strict=True):
-            running.update(np.asarray(out), weight)
+        if self._in_graph:
+            moments = [(outs[2 * j], outs[2 * j + 1]) for j in range(len(self.layers))]
+        else:
+            moments = [_channel_moments(np.asarray(out)) for out in outs]
+        for ref, running, (m1, m2) in zip(self.layers, self._running, moments, strict=True):
+            running.update(np.asarray(m1), np.asarray(m2), weight)
             mean, var = running.moments()
             scores[ref.layer] = float(symmetric_kl(ref.mean, ref.var, mean, var).mean())
         with self._lock:

@@ -50,6 +50,7 @@ unit: install-test
 
 test: install-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(MYPY_MODULES)
 	$(PY) -m pytest $(PYTEST_ARGS)
 

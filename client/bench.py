@@ -52,9 +52,9 @@ to N times, each re-send after a full-jitter pause of ``uniform(0, min(0.1 s, 0.
 2**(n-1)))`` for the n-th retry, and never past the request's deadline (``timeout`` covers all
 attempts; a pause that would end after it makes the UNAVAILABLE final). Unary: the RPC's status.
 Stream: an in-band ``[UNAVAILABLE]`` answer, or the request being in flight on a stream that
-breaks with UNAVAILABLE (its server died: gRPC's status for a lost connection; or the server
-ended the stream; a stream failing with another status fails its requests with that status,
-final) -- it is re-sent on a live stream of the next target, a new stream being opened there
+breaks with UNAVAILABLE (its server died: gRPC's status for a lost connection, also when gRPC
+words the lost connection as INTERNAL/UNKNOWN, e.g. a reset stream; or the server ended the
+stream; a stream failing with another status fails its requests with that status, final) -- it is re-sent on a live stream of the next target, a new stream being opened there
 when it has none (at most one opening per target per 0.1 s; meanwhile requests for that target
 fail fast with UNAVAILABLE and go on to the next). Without retries a broken stream stays broken,
 as do its requests. A request keeps its id through its retries (ids are unique per logical
@@ -484,6 +484,32 @@ def _code(exc: BaseException) -> str:
     return CLIENT_ERROR
 
 
+# How gRPC words a connection lost under a stream. When a server dies mid-stream the status is
+# usually UNAVAILABLE, but depending on what the transport saw first it can be INTERNAL (e.g. a
+# reset HTTP/2 stream): that is the same event, a dead server, and is retried like UNAVAILABLE.
+_TRANSPORT_WORDS = (
+    "rst_stream",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "stream removed",
+    "goaway",
+    "connection refused",
+    "endpoint",
+    "transport",
+)
+
+
+def _stream_code(exc: grpc.aio.AioRpcError) -> str:
+    """The status of a stream that broke (not an in-band answer: those keep their code)."""
+    code = _code(exc)
+    details = (exc.details() or "").lower()
+    if code in ("INTERNAL", "UNKNOWN") and any(w in details for w in _TRANSPORT_WORDS):
+        log.debug("stream lost its connection (%s: %s): counted as UNAVAILABLE", code, details)
+        return UNAVAILABLE
+    return code
+
+
 class _Retry:
     """UNAVAILABLE-only retries: at most `retries` more attempts, each after a full-jitter pause
     (uniform over [0, min(RETRY_MAX_BACKOFF_S, RETRY_BACKOFF_S * 2**n)], n = retries made so
@@ -581,7 +607,7 @@ class _Stream:
                 await call.write(payload)
             await call.done_writing()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            self._die(_code(exc) if isinstance(exc, grpc.aio.AioRpcError) else UNAVAILABLE)
+            self._die(_stream_code(exc) if isinstance(exc, grpc.aio.AioRpcError) else UNAVAILABLE)
 
     async def _read(self) -> None:
         pending = self.owner.pending
@@ -600,7 +626,7 @@ class _Stream:
                 else:
                     fut.set_result(None)
         except grpc.aio.AioRpcError as exc:
-            self._die(_code(exc))
+            self._die(_stream_code(exc))
         else:
             self._die(UNAVAILABLE)  # the server ended the stream
 

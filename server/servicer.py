@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -143,6 +143,7 @@ def _config_parameters(model: ServedModel) -> dict[str, str]:
 
 
 _Msg = pb.ModelInferResponse | pb.ModelStreamInferResponse
+_M = TypeVar("_M", pb.ModelInferResponse, pb.ModelStreamInferResponse)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,30 +152,26 @@ class _Failure:
     message: str
 
 
-def _unary_response(
-    model: ServedModel, outputs: dict[str, Any], decoded: codec.DecodedRequest
-) -> pb.ModelInferResponse:
-    return codec.encode_response(
-        model_name=model.name,
-        model_version=model.version,
-        request_id=decoded.id,
-        outputs=outputs,
-        specs=model.spec.outputs,
-        requested=decoded.requested_outputs,
-    )
+def _responder(
+    encode: Callable[..., _M],
+) -> Callable[[ServedModel, dict[str, Any], codec.DecodedRequest], _M]:
+    """An encoder of a successful answer (unary or stream message) for InferenceServicer._run."""
+
+    def respond(model: ServedModel, outputs: dict[str, Any], decoded: codec.DecodedRequest) -> _M:
+        return encode(
+            model_name=model.name,
+            model_version=model.version,
+            request_id=decoded.id,
+            outputs=outputs,
+            specs=model.spec.outputs,
+            requested=decoded.requested_outputs,
+        )
+
+    return respond
 
 
-def _stream_response(
-    model: ServedModel, outputs: dict[str, Any], decoded: codec.DecodedRequest
-) -> pb.ModelStreamInferResponse:
-    return codec.encode_stream_response(
-        model_name=model.name,
-        model_version=model.version,
-        request_id=decoded.id,
-        outputs=outputs,
-        specs=model.spec.outputs,
-        requested=decoded.requested_outputs,
-    )
+_unary_response = _responder(codec.encode_response)
+_stream_response = _responder(codec.encode_stream_response)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -54,7 +54,8 @@ attempts; a pause that would end after it makes the UNAVAILABLE final). Unary: t
 Stream: an in-band ``[UNAVAILABLE]`` answer, or the request being in flight on a stream that
 breaks with UNAVAILABLE (its server died: gRPC's status for a lost connection, also when gRPC
 words the lost connection as INTERNAL/UNKNOWN, e.g. a reset stream; or the server ended the
-stream; a stream failing with another status fails its requests with that status, final) -- it is re-sent on a live stream of the next target, a new stream being opened there
+stream; a stream failing with another status fails its requests with that status, final) --
+it is re-sent on a live stream of the next target, a new stream being opened there
 when it has none (at most one opening per target per 0.1 s; meanwhile requests for that target
 fail fast with UNAVAILABLE and go on to the next). Without retries a broken stream stays broken,
 as do its requests. A request keeps its id through its retries (ids are unique per logical

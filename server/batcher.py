@@ -224,17 +224,25 @@ class Batcher:
     # ------------------------------------------------------------------------------ submit
 
     async def submit(
-        self, arrays: Mapping[str, np.ndarray], *, deadline: float | None = None
+        self,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        deadline: float | None = None,
+        rows: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Compute one request (all outputs), batched with others; returns row views.
 
-        deadline is on time.monotonic(). Raises InvalidInputError, OverloadedError (queue full,
-        at once), DeadlineExceededError, ShuttingDownError, or BnserveError (INTERNAL) when
-        onnxruntime fails. Cancelling the caller removes a queued request from the queue.
+        deadline is on time.monotonic(). `rows`: the request's row count when the caller has
+        already validated the arrays against the model's inputs (the servicer's codec does, in
+        full), so the hot path does not check them twice; None: checked here.
+        Raises InvalidInputError, OverloadedError (queue full, at once), DeadlineExceededError,
+        ShuttingDownError, or BnserveError (INTERNAL) when onnxruntime fails. Cancelling the
+        caller removes a queued request from the queue.
         """
         if self._closing:
             raise ShuttingDownError("server is shutting down")
-        rows = validate_inputs(self._pool.inputs, arrays, batched=True)
+        if rows is None:
+            rows = validate_inputs(self._pool.inputs, arrays, batched=True)
         if rows > self.config.max_batch_size:
             raise InvalidInputError(
                 f"batch of {rows} rows exceeds max_batch_size {self.config.max_batch_size}"

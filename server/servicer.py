@@ -199,7 +199,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         decoded = codec.decode_request(
             request, spec.inputs, spec.max_batch_size, outputs=spec.outputs
         )
-        outputs = await model.batcher.submit(decoded.arrays, deadline=deadline)
+        # The codec validated the arrays in full; its batch size is the batcher's row count
+        # (a model without a batch axis is batched on its fixed first dim: let the batcher count).
+        rows = decoded.batch_size if spec.max_batch_size > 0 else None
+        outputs = await model.batcher.submit(decoded.arrays, deadline=deadline, rows=rows)
         return model, outputs, decoded
 
     def _account(

@@ -48,6 +48,7 @@ class ServerState:
 
     accepting: bool = True
     inflight: int = 0
+    accepted: int = 0  # every request ever let in (monotonic): inflight + those answered
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -57,6 +58,7 @@ class ServerState:
         if not self.accepting:
             raise ShuttingDownError("server is shutting down; retry on another replica")
         self.inflight += 1
+        self.accepted += 1
         self.idle.clear()
 
     def leave(self) -> None:

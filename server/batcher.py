@@ -2,8 +2,9 @@
 
 Requests wait in a bounded FIFO queue. A scheduler task forms a batch whenever a session is
 free: it takes the oldest request and every later queued request with the same non-batch shapes
-and dtypes, up to max_batch_size rows, concatenates each input once, and runs the batch on a
-worker thread (one executor hop per batch). The outputs are split back into row views.
+and dtypes, up to max_combined_batch_size rows (max_batch_size unless configured lower),
+concatenates each input once, and runs the batch on a worker thread (one executor hop per
+batch). The outputs are split back into row views.
 
 Merging is only sound because model.py refused every model whose rows depend on the batch
 (frozen-BN and batch-invariance gates, single-threaded sessions): each request gets bitwise the
@@ -92,12 +93,17 @@ class BatchingConfig:
     preferred_batch_sizes: the wait ends early once the queue holds min(preferred) rows
     (max_batch_size when empty).
     max_queue_size: queued requests (not rows) beyond which submit() raises OverloadedError.
+    max_combined_batch_size: requests are combined up to this many rows (None: max_batch_size).
+    A single request may still carry max_batch_size rows; it then runs alone. Lower it for a
+    model whose cost a row grows with the batch (vol3d: its activations leave the cache, 3.7 ms
+    a row at batch 1, 5.1 at 32 on one core), where combining only costs CPU.
     """
 
     max_batch_size: int
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 1024
+    max_combined_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -106,13 +112,25 @@ class BatchingConfig:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         if self.max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
-        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        combined = self.max_combined_batch_size
+        if combined is not None and not 1 <= combined <= self.max_batch_size:
+            raise ValueError(
+                f"max_combined_batch_size must be in [1, {self.max_batch_size}], got {combined}"
+            )
+        limit = self.combine_limit
+        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= limit]
         if bad:
-            raise ValueError(f"preferred_batch_sizes {bad} not in [1, {self.max_batch_size}]")
+            raise ValueError(f"preferred_batch_sizes {bad} not in [1, {limit}]")
+
+    @property
+    def combine_limit(self) -> int:
+        """Rows a combined batch may hold."""
+        c = self.max_combined_batch_size
+        return self.max_batch_size if c is None else c
 
     @property
     def target_rows(self) -> int:
-        return min(self.preferred_batch_sizes, default=self.max_batch_size)
+        return min(self.preferred_batch_sizes, default=self.combine_limit)
 
 
 # The non-batch part of a request's inputs: only requests with equal keys are concatenated.
@@ -155,6 +173,7 @@ class Batcher:
         max_queue_delay_us: int = 0,
         preferred_batch_sizes: Sequence[int] = (),
         max_queue_size: int = 1024,
+        max_combined_batch_size: int | None = None,
         observer: BatchObserver | None = None,
         sampler: BatchSampler | None = None,
     ) -> None:
@@ -163,6 +182,7 @@ class Batcher:
             max_queue_delay_us=max_queue_delay_us,
             preferred_batch_sizes=tuple(sorted(set(preferred_batch_sizes))),
             max_queue_size=max_queue_size,
+            max_combined_batch_size=max_combined_batch_size,
         )
         self._pool = pool
         self._observer = observer
@@ -197,6 +217,7 @@ class Batcher:
             max_queue_delay_us=config.max_queue_delay_us,
             preferred_batch_sizes=config.preferred_batch_sizes,
             max_queue_size=config.max_queue_size,
+            max_combined_batch_size=config.max_combined_batch_size,
             observer=observer,
             sampler=sampler,
         )
@@ -360,13 +381,14 @@ class Batcher:
                 return
 
     def _form_batch(self) -> list[_Request]:
-        """Take the oldest live request and compatible followers, up to max_batch_size rows.
+        """Take the oldest live request and compatible followers, up to combine_limit rows (a
+        first request with more rows than that runs alone).
 
         Cancelled requests are skipped; expired ones fail with DeadlineExceededError here,
         before compute.
         """
         now = time.monotonic()
-        limit = self.config.max_batch_size
+        limit = self.config.combine_limit
         batch: list[_Request] = []
         rows = 0
         keep: deque[_Request] = deque()
@@ -388,7 +410,7 @@ class Batcher:
                 req.future.set_exception(DeadlineExceededError("deadline exceeded in queue"))
                 self._notify_done(req.queue_s, "deadline")
                 continue
-            if (not batch or req.key == batch[0].key) and rows + req.rows <= limit:
+            if not batch or (req.key == batch[0].key and rows + req.rows <= limit):
                 req.queued = False
                 self._queued_rows -= req.rows
                 req.queue_s = now - req.enqueued

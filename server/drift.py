@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .model import session_options
+from .model import SHRINK_RUN, session_options
 
 __all__ = ["DriftMonitor", "DriftSink", "LayerReference", "parse_reference", "symmetric_kl"]
 
@@ -244,7 +244,8 @@ class DriftMonitor:
             feed = {name: inputs[0][name] for name in self._input_names}
         else:
             feed = {name: np.concatenate([a[name] for a in inputs]) for name in self._input_names}
-        outs = self._session.run(self._names, feed)
+        # sampled rarely: give the arena back after each run rather than hold its peak
+        outs = self._session.run(self._names, feed, SHRINK_RUN)
         n = self.samples + 1
         weight = max(1.0 / n, 1.0 / WINDOW)
         scores: dict[str, float] = {}

@@ -162,6 +162,7 @@ class BatchingSettings:
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 1024
+    max_combined_batch_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -241,6 +242,11 @@ def _parse_batching(value: object) -> BatchingSettings:
             sorted({_int(b, "batching.preferred_batch_sizes[]", 1) for b in preferred})
         ),
         max_queue_size=_int(d.get("max_queue_size", 1024), "batching.max_queue_size", 1),
+        max_combined_batch_size=(
+            None
+            if d.get("max_combined_batch_size") is None
+            else _int(d["max_combined_batch_size"], "batching.max_combined_batch_size", 1)
+        ),
     )
 
 
@@ -1050,6 +1056,7 @@ class Repository:
                         max_queue_delay_us=b.max_queue_delay_us,
                         preferred_batch_sizes=b.preferred_batch_sizes,
                         max_queue_size=b.max_queue_size,
+                        max_combined_batch_size=b.max_combined_batch_size,
                     )
                 except ValueError as exc:
                     raise ModelLoadError(f"config.json batching: {exc}") from exc

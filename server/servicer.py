@@ -134,8 +134,12 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 def _config_parameters(model: ServedModel) -> dict[str, str]:
     """What a client needs to prepare inputs and read outputs, as Triton-style string
-    parameters holding JSON: the labels and the input preprocessing of config.json."""
+    parameters holding JSON: the labels and the input preprocessing of config.json, and the
+    batcher's combine limit when it is below max_batch_size (Triton's config has no field)."""
     params = {}
+    combined = model.batcher.config.max_combined_batch_size
+    if combined is not None:
+        params["max_combined_batch_size"] = str(combined)
     if model.config.labels:
         params["labels"] = json.dumps(list(model.config.labels))
     preprocessing = model.config.raw.get("preprocessing")

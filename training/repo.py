@@ -21,6 +21,11 @@ from .export import ExportReport, export_onnx, session
 from .train import TrainConfig
 
 MAX_BATCH_SIZE = 64
+# The server combines requests of these models only up to this many rows: vol3d's per-row cost
+# grows with the batch (its activations leave the cache; one session, arena on: 3.5 ms a row at
+# batch 1, 3.8 at 8, 4.1 at 32), and measured over gRPC at concurrency 16 a limit of 4 beat 1,
+# 2, 8 and 64 (docs/performance.md).
+MAX_COMBINED: dict[str, int] = {"vol3d": 4}
 
 PREPROCESSING: dict[str, dict[str, Any]] = {
     "digits": {
@@ -122,6 +127,11 @@ def write_entry(
                 "max_queue_delay_us": 0,
                 "preferred_batch_sizes": [],
                 "max_queue_size": 1024,
+                **(
+                    {"max_combined_batch_size": MAX_COMBINED[cfg.model]}
+                    if cfg.model in MAX_COMBINED
+                    else {}
+                ),
             },
             "labels": list(split.labels),
             "preprocessing": PREPROCESSING.get(cfg.model, {}),

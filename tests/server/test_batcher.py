@@ -202,6 +202,46 @@ def test_config_validation() -> None:
         BatchingConfig(max_batch_size=8, preferred_batch_sizes=(16,))
     with pytest.raises(ValueError):
         BatchingConfig(max_batch_size=8, max_queue_size=0)
+    combined = BatchingConfig(max_batch_size=8, max_combined_batch_size=2)
+    assert (combined.combine_limit, combined.target_rows) == (2, 2)
+    assert BatchingConfig(max_batch_size=8).combine_limit == 8
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="max_combined_batch_size"):
+            BatchingConfig(max_batch_size=8, max_combined_batch_size=bad)
+    with pytest.raises(ValueError, match="preferred_batch_sizes"):  # above the combine limit
+        BatchingConfig(max_batch_size=8, max_combined_batch_size=2, preferred_batch_sizes=(4,))
+
+
+def test_combine_limit_caps_merged_batches_not_single_requests(models: dict[str, Path]) -> None:
+    """max_combined_batch_size 3: queued 1-row requests run 3 at a time at most; a 7-row
+    request (under max_batch_size 8) still runs, alone; every row is its own."""
+    pool = GatedPool(models["bn"], instances=1)
+    rec = Recorder()
+    batcher = Batcher(pool, max_batch_size=8, max_combined_batch_size=3, observer=rec)
+    inputs = [_x(1, seed=0), *[_x(1, seed=s) for s in range(1, 8)], _x(7, seed=8)]
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        try:
+            first = asyncio.create_task(batcher.submit({"x": inputs[0]}))
+            await pool.until_calls(1)  # the one session is busy: the rest queue up
+            rest = [asyncio.create_task(batcher.submit({"x": x})) for x in inputs[1:]]
+            await _yield_until(lambda: batcher.queue_depth == len(rest), "all queued")
+        finally:
+            pool.gate.set()
+        results = await _bounded(asyncio.gather(first, *rest))
+        await batcher.close(grace=WAIT)
+        return results
+
+    pool.gate.set()
+    expected = [pool.run({"x": x})["logits"] for x in inputs]  # each alone: the reference
+    pool.gate.clear()
+    pool.calls = pool.rows_run = 0
+    results = _run(main())
+    pool.close()
+    for got, want in zip(results, expected, strict=True):
+        assert got["logits"].tobytes() == want.tobytes()
+    # 1 alone, then 7 queued singles as 3 + 3 + 1, then the 7-row request alone
+    assert [(rows, n) for rows, n, _ in rec.batches] == [(1, 1), (3, 3), (3, 3), (1, 1), (7, 1)]
 
 
 def test_1000_concurrent_mixed_requests_get_their_own_rows(models: dict[str, Path]) -> None:

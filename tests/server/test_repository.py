@@ -254,7 +254,11 @@ def test_load_all_versions_policies_and_serving(tmp_path: Path) -> None:
             "version_policy": {"all": {}},
             "max_batch_size": 16,
             "instances": 2,
-            "batching": {"preferred_batch_sizes": [4, 8], "max_queue_delay_us": 500},
+            "batching": {
+                "preferred_batch_sizes": [4, 8],
+                "max_queue_delay_us": 500,
+                "max_combined_batch_size": 8,
+            },
             "labels": [str(i) for i in range(10)],
         },
     )
@@ -301,6 +305,7 @@ def test_load_all_versions_policies_and_serving(tmp_path: Path) -> None:
             a = repo.get("all", "2")
             assert a.max_batch_size == 16 and a.instance_count == 2
             assert a.preferred_batch_sizes == (4, 8) and a.max_queue_delay_us == 500
+            assert a.batcher.config.combine_limit == 8 and s.batcher.config.combine_limit == 64
             assert a.labels == tuple(str(i) for i in range(10))
             assert a.config.raw["version_policy"] == {"all": {}}
 
@@ -459,6 +464,10 @@ def test_refused_models_are_reported_and_do_not_block_others(
     _config(root, "stale_config", {"inputs": [{"name": "input", "datatype": "FP32"}]})
     _put(root, "too_preferred", 1, good)
     _config(root, "too_preferred", {"batching": {"preferred_batch_sizes": [128]}})
+    _put(root, "too_combined", 1, good)
+    _config(root, "too_combined", {"batching": {"max_combined_batch_size": 65}})
+    _put(root, "zero_combined", 1, good)
+    _config(root, "zero_combined", {"batching": {"max_combined_batch_size": 0}})
     _put(root, "fixed_but_batched", 1, _relu_net([2, 3]))
     _config(root, "fixed_but_batched", {"max_batch_size": 8})
     _put(root, "mixed_dims", 1, _relu_net([2, 3], transpose=True))
@@ -482,6 +491,8 @@ def test_refused_models_are_reported_and_do_not_block_others(
                 "bad_type": ("1", "config.json refused: max_batch_size must be an integer"),
                 "stale_config": ("1", r"declares inputs \['input'\] but model.onnx has \['x'\]"),
                 "too_preferred": ("1", r"preferred_batch_sizes \[128\] not in \[1, 64\]"),
+                "too_combined": ("1", r"max_combined_batch_size must be in \[1, 64\], got 65"),
+                "zero_combined": ("1", "batching.max_combined_batch_size must be >= 1, got 0"),
                 "fixed_but_batched": ("1", "needs a dynamic first axis"),
                 "mixed_dims": ("1", "different first dimensions"),
             }
@@ -498,7 +509,7 @@ def test_refused_models_are_reported_and_do_not_block_others(
     run(main)
     warnings = _warnings(caplog)
     # ONE line per refusal, naming the model.
-    assert len(warnings) == 9, warnings
+    assert len(warnings) == 11, warnings
     refused = {name for name, _, _ in events.failures}
     assert refused == {
         "training_bn",
@@ -508,6 +519,8 @@ def test_refused_models_are_reported_and_do_not_block_others(
         "bad_type",
         "stale_config",
         "too_preferred",
+        "too_combined",
+        "zero_combined",
         "fixed_but_batched",
         "mixed_dims",
     }

@@ -25,6 +25,7 @@ from bnserve.training import train as T
 from bnserve.training.data import digits, volumes
 from bnserve.training.export import relative_error, session
 from bnserve.training.models import Vol3d, build
+from bnserve.training.repo import MAX_COMBINED
 
 BUNDLED = Path(__file__).resolve().parents[2] / "model_repository"
 
@@ -216,6 +217,8 @@ def test_bundled_models(name: str, target: float) -> None:
     assert acc == meta["accuracy"]
     assert config["inputs"][0]["shape"] == [-1, *split.x_test.shape[1:]]
     assert config["labels"] == list(split.labels)
+    # the batching the recipe writes (vol3d: merged batches capped, see training/repo.py)
+    assert config["batching"].get("max_combined_batch_size") == MAX_COMBINED.get(name)
 
 
 def test_bundled_digits_is_reproducible_bit_for_bit(digits_repo: Path) -> None:

@@ -395,12 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
         return run(args)
 
     p = sub.add_parser(
-        "drift", help="per-layer BN drift scores of a server, scraped from its /metrics"
+        "drift", help="per-layer BN drift scores of a server (ModelStatistics or /metrics)"
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--target",
+        default="127.0.0.1:8001",
+        help="the server's gRPC address, read through ModelStatistics (default 127.0.0.1:8001)",
+    )
+    source.add_argument(
         "--metrics-url",
-        default="http://127.0.0.1:8002/metrics",
-        help="the server's Prometheus endpoint (default http://127.0.0.1:8002/metrics)",
+        help="read the Prometheus endpoint instead, e.g. http://127.0.0.1:8002/metrics",
     )
     p.add_argument("--model", help="only this model (default: all)")
     p.add_argument(

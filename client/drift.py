@@ -1,5 +1,6 @@
-"""`bnserve drift`: the per-layer drift report of a server, scraped from its /metrics endpoint
-(the Prometheus port, --metrics-port of `bnserve serve`, 8002 by default). docs/drift.md.
+"""`bnserve drift`: the per-layer drift report of a server, read over gRPC from ModelStatistics
+(`--target`, its bn_drift extension fields) or scraped from its /metrics endpoint
+(`--metrics-url`, the Prometheus port of `bnserve serve`). docs/drift.md.
 """
 
 from __future__ import annotations
@@ -8,9 +9,13 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["LayerDrift", "render", "run", "scrape"]
+from bnserve.proto import inference_pb2 as pb
+from bnserve.proto import inference_pb2_grpc as pb_grpc
+
+__all__ = ["LayerDrift", "fetch", "from_statistics", "render", "run", "scrape"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,25 @@ def scrape(url: str, model: str | None = None, *, timeout: float = 5.0) -> list[
         return parse(resp.read().decode("utf-8"), model)
 
 
+def from_statistics(response: pb.ModelStatisticsResponse) -> list[LayerDrift]:
+    """The drift rows of a ModelStatistics answer, in its order (model, version, layer)."""
+    return [
+        LayerDrift(m.name, m.version, d.layer, d.channels, d.score, m.bn_drift_samples)
+        for m in response.model_stats
+        for d in m.bn_drift
+    ]
+
+
+def fetch(target: str, model: str | None = None, *, timeout: float = 5.0) -> list[LayerDrift]:
+    """ModelStatistics of `model` (all models when None) from the server at HOST:PORT."""
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelStatistics(
+            pb.ModelStatisticsRequest(name=model or ""), timeout=timeout
+        )
+    return from_statistics(response)
+
+
 def render(rows: list[LayerDrift], threshold: float | None = None) -> str:
     header = f"{'model':<12} {'ver':>3} {'layer':<24} {'channels':>8} {'score':>10} {'samples':>8}"
     lines = [header]
@@ -67,7 +91,14 @@ def render(rows: list[LayerDrift], threshold: float | None = None) -> str:
 def run(args: Any) -> int:
     """Exit 0 with rows, 1 when no drift series are exported (monitor off, or no samples yet),
     2 when some layer's score is above --threshold."""
-    rows = scrape(args.metrics_url, args.model, timeout=args.timeout)
+    if args.metrics_url:
+        rows = scrape(args.metrics_url, args.model, timeout=args.timeout)
+    else:
+        try:
+            rows = fetch(args.target, args.model, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"ModelStatistics from {args.target} failed: {exc.code().name}: {exc.details()}")
+            return 1
     if not rows:
         print(
             "no drift series: is the server run with --drift-sample-rate > 0, does the model's "

@@ -274,6 +274,17 @@ class DriftMonitor:
         with self._lock:
             return dict(self._scores)
 
+    def report(self) -> tuple[int, list[tuple[str, int, float]]]:
+        """(batches scored, [(layer, channels, score)] in layer order): one consistent reading
+        for ModelStatistics; no rows before the first scored batch."""
+        with self._lock:
+            rows = [
+                (ref.layer, len(ref.mean), self._scores[ref.layer])
+                for ref in self.layers
+                if ref.layer in self._scores
+            ]
+            return self.samples, rows
+
     def idle(self) -> bool:
         """Nothing queued (the sample being computed, if any, may still be running)."""
         return self._queue.empty()

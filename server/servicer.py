@@ -272,10 +272,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return result
 
     def _maybe_model(self, request: pb.ModelInferRequest) -> ServedModel | None:
-        try:
-            return self._repo.get(request.model_name, request.model_version)
-        except BnserveError:
-            return None
+        return self._loaded(request.model_name, request.model_version)
 
     async def ModelStreamInfer(
         self,
@@ -434,7 +431,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 b = m.batch_stats.add(batch_size=rows)
                 b.compute_infer.count, b.compute_infer.ns = d.count, d.ns
                 b.compute_input.count = b.compute_output.count = d.count
+            served = self._loaded(s.name, s.version)
+            if served is not None and served.drift is not None:
+                m.bn_drift_samples, rows_ = served.drift.report()
+                for layer, channels, score in rows_:
+                    m.bn_drift.add(layer=layer, channels=channels, score=score)
         return response
+
+    def _loaded(self, name: str, version: str) -> ServedModel | None:
+        """The served version, or None when it is not loaded (or the name is unknown)."""
+        try:
+            return self._repo.get(name, version)
+        except BnserveError:
+            return None
 
     # --- repository ---------------------------------------------------------------------------
     async def RepositoryIndex(

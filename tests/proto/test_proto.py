@@ -151,17 +151,44 @@ def _triton_pool_lookup(full_name: str) -> descriptor.Descriptor:
     return tpb.DESCRIPTOR.pool.FindMessageTypeByName(full_name)
 
 
+# bnserve's own additions (docs/drift.md): field numbers from 1000 on, far from Triton's, and
+# the messages only they use. Everything else must be Triton's, field for field.
+EXTENSION_FIELDS = {
+    "inference.ModelStatistics.bn_drift",
+    "inference.ModelStatistics.bn_drift_samples",
+}
+EXTENSION_MESSAGES = {"inference.BnDriftStatistics"}
+
+
 def test_every_message_matches_tritonclient_field_for_field() -> None:
     checked = 0
     for top in pb.DESCRIPTOR.message_types_by_name.values():
+        if top.full_name in EXTENSION_MESSAGES:
+            continue
         for ours in _walk_messages(top):
             theirs = _triton_pool_lookup(ours.full_name)
             theirs_by_number = {f.number: f for f in theirs.fields}
             for field in ours.fields:
+                if field.full_name in EXTENSION_FIELDS:
+                    assert field.number >= 1000 and field.number not in theirs_by_number
+                    continue
                 assert field.number in theirs_by_number, f"{ours.full_name}.{field.name}"
                 assert _field_signature(field) == _field_signature(theirs_by_number[field.number])
                 checked += 1
     assert checked > 150
+
+
+def test_extension_fields_are_skipped_by_tritonclient() -> None:
+    """A ModelStatistics answer with bn_drift parses in tritonclient, its own fields intact."""
+    ours = pb.ModelStatisticsResponse()
+    m = ours.model_stats.add(name="digits", version="1", inference_count=7, execution_count=3)
+    m.bn_drift.add(layer="features.1", channels=32, score=0.25)
+    m.bn_drift_samples = 5
+    theirs = tpb.ModelStatisticsResponse.FromString(ours.SerializeToString())
+    t = theirs.model_stats[0]
+    assert (t.name, t.version, t.inference_count, t.execution_count) == ("digits", "1", 7, 3)
+    back = pb.ModelStatisticsResponse.FromString(theirs.SerializeToString())  # kept as unknown
+    assert back.model_stats[0].bn_drift[0].score == 0.25
 
 
 def test_every_enum_matches_tritonclient() -> None:

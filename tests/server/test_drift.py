@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bnserve import cli
 from bnserve.client.bench import drift_transform
 from bnserve.client.client import InferenceClient
-from bnserve.client.drift import render, scrape
+from bnserve.client.drift import fetch, render, scrape
 from bnserve.server.app import serve_in_thread
 from bnserve.server.config import Settings
 from bnserve.server.drift import DriftMonitor, symmetric_kl
@@ -108,6 +109,14 @@ def test_scores_clean_low_drifted_high(repo: Path, x_test: np.ndarray, kind: str
             )
         else:
             assert all(scores[layer] > 2 * THRESHOLD for layer in EARLY), scores
+        # ModelStatistics carries the same report (its bn_drift extension), layers in order.
+        via_grpc = fetch(f"127.0.0.1:{app.port}", "digits")
+        assert [r.layer for r in via_grpc] == [ref.layer for ref in monitor.layers]
+        assert {r.layer: r.score for r in via_grpc} == pytest.approx(scores)
+        assert [r.channels for r in via_grpc] == [32, 64, 64]
+        assert {(r.model, r.version, r.samples) for r in via_grpc} == {
+            ("digits", "1", monitor.samples)
+        }
 
 
 def test_gauge_moves_from_clean_to_drifted(repo: Path, x_test: np.ndarray) -> None:
@@ -138,6 +147,7 @@ def test_off_by_default(repo: Path, x_test: np.ndarray) -> None:
         _send(app.port, x_test[:32])
         text = app.metrics.render().decode()
         assert "bnserve_bn_drift{" not in text and "bnserve_drift_samples_total{" not in text
+        assert fetch(f"127.0.0.1:{app.port}", "digits") == []
 
 
 def test_sampling_rate_is_deterministic(repo: Path) -> None:
@@ -145,3 +155,21 @@ def test_sampling_rate_is_deterministic(repo: Path) -> None:
         monitor = app.repository.get("digits").drift
         assert monitor is not None
         assert sum(monitor.want() for _ in range(400)) == 100
+
+
+def test_drift_cli_reads_model_statistics(
+    repo: Path, x_test: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bnserve drift --target HOST:PORT`: the report over gRPC; exit 2 when a layer is over
+    --threshold, 1 when the server has no drift monitor for the model."""
+    with serve_in_thread(_settings(repo, 1.0)) as app:
+        monitor = app.repository.get("digits").drift
+        assert monitor is not None
+        wait_for(_caught_up(monitor, _send(app.port, drift_transform(x_test[:160], "noise"))))
+        argv = ["drift", "--target", f"127.0.0.1:{app.port}", "--model", "digits"]
+        assert cli.main([*argv, "--threshold", str(THRESHOLD)]) == 2
+        out = capsys.readouterr().out
+        assert "features.1" in out and "DRIFT" in out
+    with serve_in_thread(_settings(repo, 0.0)) as app:
+        assert cli.main(["drift", "--target", f"127.0.0.1:{app.port}"]) == 1
+        assert "no drift series" in capsys.readouterr().out

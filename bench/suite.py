@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import datetime as dt
 import importlib.metadata
@@ -38,8 +39,10 @@ import platform
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -65,6 +68,15 @@ RUNS: tuple[tuple[str, str, int, int], ...] = (
     ("vol3d", "unary", 16, 1),
     ("vol3d", "stream", 16, 1),
 )
+# Triton's perf_analyzer against the same server (when its chroot is prepared, as root): digits.
+PA_RUNS: tuple[tuple[str, int], ...] = (("unary", 1), ("unary", 16), ("stream", 16))
+PA_ROOT = Path(os.environ.get("PA_ROOT", "/var/cache/bnserve/perf-analyzer-trixie"))
+PA_SCRIPT = ROOT / "bench" / "perf_analyzer.sh"
+# Drift monitoring's cost (issue: 1% sampling costs <= 3% throughput): digits unary c8, alternate
+# servers with --drift-sample-rate 0 and DRIFT_RATE, DRIFT_PAIRS pairs (1 in --quick).
+DRIFT_RATE = 0.01
+DRIFT_PAIRS = 3
+DRIFT_LIMIT_PCT = 3.0
 ORT_MODELS = ("digits", "vol3d")
 ORT_BATCHES = (1, 4, 16, 64)
 ORT_SESSIONS = (1, 2)
@@ -210,7 +222,11 @@ class Server:
 
 
 def start_server(
-    repo: Path, log_path: Path, instances: int | None, timeout: float = 60.0
+    repo: Path,
+    log_path: Path,
+    instances: int | None,
+    timeout: float = 60.0,
+    extra: Sequence[str] = (),
 ) -> Server:
     port = _free_port()
     target = f"127.0.0.1:{port}"
@@ -230,6 +246,7 @@ def start_server(
     ]
     if instances is not None:
         command += ["--instances", str(instances)]
+    command += list(extra)
     log_file = log_path.open("wb")
     t0 = time.perf_counter()
     proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -364,6 +381,134 @@ def run_server_bench(
         other_cpu_s=max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (client1 - client0)),
         sent=res.requests + res.warmup_requests,
     )
+
+
+# --- perf_analyzer ---------------------------------------------------------------------------
+
+
+def perf_analyzer_unavailable() -> str | None:
+    """Why perf_analyzer cannot run here, or None (same conditions as its test)."""
+    if os.geteuid() != 0:
+        return "not root (perf_analyzer runs in a chroot)"
+    if not (PA_ROOT / ".bnserve-perf-analyzer").is_file():
+        return f"chroot not prepared at {PA_ROOT} (`bench/perf_analyzer.sh --prepare-only`)"
+    return None
+
+
+@dataclass
+class PaRun:
+    mode: str
+    concurrency: int
+    throughput_rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    server_cpu_ms_per_request: float | None = None
+    served: int = 0  # inferences the server counted over the whole perf_analyzer run
+    error: str = ""
+
+
+def _inference_count(target: str, model: str) -> int:
+    import grpc
+
+    from bnserve.proto import inference_pb2 as pb
+    from bnserve.proto import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=10
+        )
+    return sum(m.inference_count for m in stats.model_stats)
+
+
+def run_perf_analyzer(
+    server: Server, model: str, mode: str, concurrency: int, d: Durations, workdir: Path
+) -> PaRun:
+    """One perf_analyzer profile (a few measurement windows of d.run_s / 4 each). Its server
+    CPU a request is over every inference the server counted meanwhile (ModelStatistics)."""
+    out = PaRun(mode, concurrency)
+    csv_path = workdir / "pa.csv"
+    csv_path.unlink(missing_ok=True)
+    interval_ms = max(200, int(d.run_s * 1000 / 4))
+    command = [
+        "bash",
+        str(PA_SCRIPT),
+        "-m",
+        model,
+        "-u",
+        server.target,
+        "-i",
+        "grpc",
+        "--concurrency-range",
+        str(concurrency),
+        "--measurement-interval",
+        str(interval_ms),
+        "--max-trials",
+        "4",
+        "--stability-percentage",
+        "25",
+        "-f",
+        csv_path.name,
+        *(["--streaming"] if mode == "stream" else []),
+    ]
+    count0, cpu0 = _inference_count(server.target, model), proc_cpu_s(server.pid)
+    try:
+        proc = subprocess.run(
+            command, cwd=workdir, capture_output=True, text=True, timeout=60 + 10 * d.run_s
+        )
+    except subprocess.TimeoutExpired:
+        out.error = "timed out"
+        return out
+    cpu1, count1 = proc_cpu_s(server.pid), _inference_count(server.target, model)
+    out.served = count1 - count0
+    if out.served > 0:
+        out.server_cpu_ms_per_request = 1000 * (cpu1 - cpu0) / out.served
+    if proc.returncode != 0 or not csv_path.is_file():
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["no output"]
+        out.error = f"exit {proc.returncode}: {tail[0][:200]}"
+        return out
+    with csv_path.open() as f:
+        row = next(csv.DictReader(f))
+    out.throughput_rps = float(row["Inferences/Second"])
+    out.p50_ms = float(row["p50 latency"]) / 1000
+    out.p99_ms = float(row["p99 latency"]) / 1000
+    return out
+
+
+# --- drift monitoring's cost ------------------------------------------------------------------
+
+
+@dataclass
+class DriftCost:
+    rate: float
+    off_rps: list[float] = field(default_factory=list)
+    on_rps: list[float] = field(default_factory=list)
+
+    @property
+    def cost_pct(self) -> float | None:
+        if not self.off_rps or not self.on_rps:
+            return None
+        off, on = statistics.fmean(self.off_rps), statistics.fmean(self.on_rps)
+        return 100.0 * (off - on) / off
+
+
+def measure_drift_cost(
+    repo: Path, instances: int | None, d: Durations, pairs: int, log_path: Path
+) -> DriftCost:
+    """Alternating servers without and with --drift-sample-rate DRIFT_RATE, digits unary c8."""
+    cost = DriftCost(DRIFT_RATE)
+    half = dataclasses.replace(d, run_s=max(d.run_s / 2, 0.1))
+    for _ in range(pairs):
+        for rate, into in ((0.0, cost.off_rps), (DRIFT_RATE, cost.on_rps)):
+            server = start_server(
+                repo, log_path, instances, extra=["--drift-sample-rate", str(rate)]
+            )
+            try:
+                time.sleep(d.settle_s)
+                r = run_server_bench(server, "digits", "unary", 8, 1, half)
+            finally:
+                stop_server(server)
+            into.append(float(r.result["throughput_rps"]))
+    return cost
 
 
 # --- onnxruntime in-process ------------------------------------------------------------------
@@ -541,7 +686,10 @@ class Check:
 
 
 def evaluate(
-    runs: dict[str, ServerRun], ort: dict[str, list[OrtPoint]], server: Server
+    runs: dict[str, ServerRun],
+    ort: dict[str, list[OrtPoint]],
+    server: Server,
+    drift: DriftCost | None = None,
 ) -> list[Check]:
     checks: list[Check] = []
     for mode in ("unary", "stream"):
@@ -611,6 +759,17 @@ def evaluate(
     checks.append(
         Check("time to ready (start -> health SERVING)", server.ready_s, 2.0, False, "s", "{:.2f}")
     )
+    if drift is not None:
+        checks.append(
+            Check(
+                f"drift monitor at rate {drift.rate:g}: throughput cost (digits unary c8)",
+                drift.cost_pct,
+                DRIFT_LIMIT_PCT,
+                False,
+                "%",
+                "{:.1f}",
+            )
+        )
     return checks
 
 
@@ -704,6 +863,9 @@ def render(
     ort: dict[str, list[OrtPoint]],
     checks: list[Check],
     plots: dict[str, str],
+    pa_runs: Sequence[PaRun] = (),
+    pa_skipped: str | None = None,
+    drift: DriftCost | None = None,
 ) -> str:
     out: list[str] = []
     w = out.append
@@ -878,6 +1040,48 @@ def render(
             f"{r.server_cpu_ms_per_sample:.4f} | {r.server_cpu_ms_per_sample / cpu:.2f} |"
         )
     w("")
+    w("## perf_analyzer (Triton's load tester), same server")
+    w("")
+    if pa_skipped:
+        w(f"Not run: {pa_skipped}.")
+    else:
+        w(
+            "`bench/perf_analyzer.sh -m digits -i grpc --concurrency-range C "
+            "[--streaming]` (C++ client, docs/perf_analyzer.md), a few measurement windows "
+            "each. Server CPU a request is over every inference the server counted during the "
+            "run (ModelStatistics before and after), warm-up windows included."
+        )
+        w("")
+        w("| model | mode | c | req/s | p50 ms | p99 ms | server CPU ms/req | note |")
+        w("|---|---|---|---|---|---|---|---|")
+        for pa in pa_runs:
+            w(
+                f"| digits | {pa.mode} | {pa.concurrency} | "
+                + ("-" if pa.throughput_rps is None else f"{pa.throughput_rps:,.0f}")
+                + f" | {_ms(pa.p50_ms)} | {_ms(pa.p99_ms)} | "
+                + f"{_ms(pa.server_cpu_ms_per_request, '{:.4f}')} | {pa.error or 'ok'} |"
+            )
+    w("")
+    w("## Drift monitoring's cost")
+    w("")
+    if drift is None or drift.cost_pct is None:
+        w("Not measured in this run.")
+    else:
+        w(
+            f"Servers started alternately with `--drift-sample-rate 0` and `{drift.rate:g}`, "
+            f"each driven by `bnserve bench --model digits --mode unary --concurrency 8` for "
+            f"half a load run; {len(drift.off_rps)} pair(s). Single runs vary by a few percent: "
+            "the mean is the figure, not a bound."
+        )
+        w("")
+        w("| rate | runs, req/s | mean req/s |")
+        w("|---|---|---|")
+        for rate, values in ((0.0, drift.off_rps), (drift.rate, drift.on_rps)):
+            runs_txt = ", ".join(f"{v:,.0f}" for v in values)
+            w(f"| {rate:g} | {runs_txt} | {statistics.fmean(values):,.0f} |")
+        w("")
+        w(f"Cost: **{drift.cost_pct:.1f}%** of throughput (target <= {DRIFT_LIMIT_PCT:g}%).")
+    w("")
     w("## Peers, for reference (not measured by this suite)")
     w("")
     w(
@@ -977,6 +1181,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         rss_end = proc_status_kb(server.pid, "VmRSS")
         hwm_end = proc_status_kb(server.pid, "VmHWM")
+        # 3b. perf_analyzer against the same server, when it can run here.
+        pa_runs: list[PaRun] = []
+        pa_skipped = perf_analyzer_unavailable()
+        if pa_skipped is None:
+            with tempfile.TemporaryDirectory(prefix="bnserve-pa-") as workdir:
+                for mode, conc in PA_RUNS:
+                    time.sleep(d.settle_s)
+                    pa = run_perf_analyzer(server, "digits", mode, conc, d, Path(workdir))
+                    pa_runs.append(pa)
+                    _say(
+                        f"perf_analyzer digits {mode} c{conc}: {pa.throughput_rps} req/s, "
+                        f"p50 {_ms(pa.p50_ms)} ms, server CPU "
+                        f"{_ms(pa.server_cpu_ms_per_request, '{:.4f}')} ms/req {pa.error}"
+                    )
+        else:
+            _say(f"perf_analyzer not run: {pa_skipped}")
     finally:
         rc = stop_server(server)
     if rc not in (0, None):
@@ -984,9 +1204,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         log_path.unlink(missing_ok=True)
 
+    # 3c. drift monitoring's cost: servers of its own.
+    pairs = 1 if args.quick else DRIFT_PAIRS
+    _say(f"drift monitoring cost: {pairs} pair(s) of servers, rate 0 and {DRIFT_RATE:g}")
+    drift = measure_drift_cost(repo, args.instances, d, pairs, log_path)
+    _say(f"drift cost: {drift.cost_pct:.1f}% ({drift.off_rps} -> {drift.on_rps} req/s)")
+    log_path.unlink(missing_ok=True)
+
     # 4. the report.
     info["loadavg_end"] = loadavg()
-    checks = evaluate(runs, ort, server)
+    checks = evaluate(runs, ort, server, drift)
     sha = info["bnserve_sha"]
     plots = {
         "digits: throughput against concurrency": img_dir / "digits_throughput.png",
@@ -1023,6 +1250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ort=ort,
         checks=checks,
         plots={k: os.path.relpath(v, out.parent) for k, v in plots.items()},
+        pa_runs=pa_runs,
+        pa_skipped=pa_skipped,
+        drift=drift,
     )
     out.write_text(text)
     if args.json:
@@ -1042,6 +1272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "runs": [r.summary() for r in runs.values()],
                     "ort": [dataclasses.asdict(p) for pts in ort.values() for p in pts],
                     "targets": [{**dataclasses.asdict(c), "passed": c.passed} for c in checks],
+                    "perf_analyzer": {
+                        "skipped": pa_skipped,
+                        "runs": [dataclasses.asdict(pa) for pa in pa_runs],
+                    },
+                    "drift_cost": {**dataclasses.asdict(drift), "cost_pct": drift.cost_pct},
                 },
                 indent=2,
             )
@@ -1057,7 +1292,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _server_log() -> Path:
     """The server's stdout/stderr: in the temp dir (never next to the committed report)."""
-    import tempfile
 
     fd, name = tempfile.mkstemp(prefix="bnserve-suite-server-", suffix=".log")
     os.close(fd)

@@ -74,6 +74,8 @@ def test_report_has_every_section_and_table(report, suite) -> None:
         "## Server start-up and memory",
         "## Server under load",
         "## onnxruntime in-process",
+        "## perf_analyzer (Triton's load tester), same server",
+        "## Drift monitoring's cost",
         "## Peers, for reference",
         "## Plots",
     ):
@@ -89,7 +91,7 @@ def test_report_has_every_section_and_table(report, suite) -> None:
             assert f"| {model} | {n} |" in md
     # every target has a verdict; the versions are named
     verdicts = [line for line in md.splitlines() if line.endswith(("**PASS** |", "**FAIL** |"))]
-    assert len(verdicts) == 14
+    assert len(verdicts) == 15
     for name in ("grpcio", "onnxruntime", "numpy", "python", "bnserve"):
         assert f"| {name} |" in md
     assert "4,040 req/s" in md and "5,472 req/s" in md  # peers
@@ -124,6 +126,18 @@ def test_json_accounts_for_every_run(report, suite) -> None:
     )
     assert all(p["samples_per_s"] > 0 for p in data["ort"])
     assert 0 < data["server"]["ready_s"] < 60
+    # drift cost: one pair of servers in --quick, both driven for real
+    drift = data["drift_cost"]
+    assert len(drift["off_rps"]) == len(drift["on_rps"]) == 1
+    assert min(drift["off_rps"] + drift["on_rps"]) > 0 and drift["cost_pct"] is not None
+    # perf_analyzer: run when it can run here (root, chroot prepared), else the reason is named
+    pa = data["perf_analyzer"]
+    if pa["skipped"] is None:
+        assert [(r["mode"], r["concurrency"]) for r in pa["runs"]] == list(suite.PA_RUNS)
+        for r in pa["runs"]:
+            assert r["error"] == "" and r["throughput_rps"] > 0 and r["served"] > 0, r
+    else:
+        assert pa["runs"] == [] and pa["skipped"]
     assert data["server"]["rss_ready_kb"] > 10_000
 
 

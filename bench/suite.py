@@ -75,7 +75,7 @@ PA_SCRIPT = ROOT / "bench" / "perf_analyzer.sh"
 # Drift monitoring's cost (issue: 1% sampling costs <= 3% throughput): digits unary c8, alternate
 # servers with --drift-sample-rate 0 and DRIFT_RATE, DRIFT_PAIRS pairs (1 in --quick).
 DRIFT_RATE = 0.01
-DRIFT_PAIRS = 3
+DRIFT_PAIRS = 5
 DRIFT_LIMIT_PCT = 3.0
 ORT_MODELS = ("digits", "vol3d")
 ORT_BATCHES = (1, 4, 16, 64)
@@ -879,7 +879,8 @@ def render(
             if info["bnserve_dirty"]
             else ""
         )
-        + "). Do not edit by hand: rerun the suite. How it measures: `bench/README.md`."
+        + "). Do not edit by hand: rerun the suite. How it measures: `bench/README.md`; "
+        "where the time goes and the alternatives weighed: `docs/performance-notes.md`."
     )
     w("")
     w(

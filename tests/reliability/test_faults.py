@@ -104,11 +104,15 @@ def test_100_clients_disconnect_mid_stream(app: App, digits_ref: SessionPool) ->
 
     channels = [grpc.insecure_channel(f"127.0.0.1:{app.port}") for _ in range(n_clients)]
     calls = []
+    accepted0 = app.state.accepted
     try:
         for c, ch in enumerate(channels):
             calls.append(pb_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer(requests(c)))
-        # Mid-stream for real: wait until the server holds a good share of them.
-        wait_for(lambda: app.state.inflight >= n_clients, 60, "streams in flight")
+        # Mid-stream for real: the server has taken a good share of the requests (a monotonic
+        # count: "in flight >= n" may never hold when the server answers as fast as they come).
+        wait_for(
+            lambda: app.state.accepted - accepted0 >= n_clients, 60, "stream requests accepted"
+        )
         inflight_at_close = app.state.inflight
         for ch in channels:
             ch.close()  # abrupt: no half-close, responses unread

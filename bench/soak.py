@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
-import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -37,6 +33,7 @@ import numpy as np
 from bnserve.proto import inference_pb2 as pb
 from bnserve.proto import inference_pb2_grpc as pb_grpc
 from bnserve.server.model import SessionPool
+from bnserve.server.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
@@ -52,72 +49,6 @@ def rss_bytes(pid: int) -> int:
 
 
 # ------------------------------------------------------------------------------ the server
-
-
-class Server:
-    """`python -m bnserve.cli serve --port 0`, its port read from its log."""
-
-    def __init__(self, repo: Path, instances: int, start_timeout: float = 120.0) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "bnserve.cli",
-            "serve",
-            "--repo",
-            str(repo),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--instances",
-            str(instances),
-            "--grace",
-            "30",
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
-        )
-        self.log: list[str] = []
-        self._lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port = self._wait_port(start_timeout)
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            self._lines.put(line)
-
-    def _wait_port(self, timeout: float) -> int:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and self.proc.poll() is None:
-            try:
-                line = self._lines.get(timeout=min(1.0, max(0.0, end - time.monotonic())))
-            except queue.Empty:
-                continue
-            m = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                return int(m.group(1))
-        self.kill()
-        raise RuntimeError("server did not start:\n" + "".join(self.log[-30:]))
-
-    def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM, then wait (bounded); None if it had to be killed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 # ------------------------------------------------------------------------------ accounting
@@ -313,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     repo = Path(args.repo).resolve()
     inputs = Inputs.make(repo)
     try:
-        server = Server(repo, args.instances)
+        server = ServerProcess(repo, "--instances", str(args.instances), "--grace", "30")
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -7,12 +7,8 @@ server "settle".
 
 from __future__ import annotations
 
-import os
 import queue
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -26,7 +22,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rel_helpers import (
     BROKEN_KINDS,
     BUNDLED,
-    ROOT,
     broken_model_bytes,
     copy_model,
     infer_request,
@@ -40,6 +35,7 @@ from bnserve.proto import inference_pb2_grpc as pb_grpc
 from bnserve.server.app import App, serve_in_thread
 from bnserve.server.config import Settings
 from bnserve.server.model import SessionPool
+from bnserve.server.process import ServerProcess
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -356,61 +352,6 @@ def test_broken_files_at_hot_reload_old_version_keeps_serving(
 
 
 # ---------------------------------------------------------------------------------- SIGTERM
-
-
-class ServerProcess:
-    """`python -m bnserve.cli serve ... --port 0` with its log read on a thread."""
-
-    def __init__(self, repo: Path, *extra: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "bnserve.cli",
-            "serve",
-            "--repo",
-            str(repo),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            *extra,
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port = self._wait_port(120)
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            self.lines.put(line)
-
-    def _wait_port(self, timeout: float) -> int:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                line = self.lines.get(timeout=max(0.0, end - time.monotonic()))
-            except queue.Empty:
-                break
-            m = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                return int(m.group(1))
-            if self.proc.poll() is not None:
-                break
-        self.kill()
-        raise AssertionError("server did not start:\n" + "".join(self.log[-30:]))
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def test_sigterm_under_load_answers_every_accepted_request(tmp_path: Path) -> None:

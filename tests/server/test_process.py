@@ -31,5 +31,5 @@ def test_starts_on_an_ephemeral_port_and_stops_cleanly() -> None:
 
 
 def test_a_server_that_cannot_start_is_reported_with_its_log() -> None:
-    with pytest.raises(RuntimeError, match="(?s)server did not start.*--no-such-flag"):
+    with pytest.raises(RuntimeError, match=r"(?s)server did not start.*--no-such-flag"):
         ServerProcess(BUNDLED, "--no-such-flag", start_timeout=60)

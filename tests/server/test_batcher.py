@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_nets import bn_net, finish
 
 from bnserve.server.batcher import Batcher, BatchingConfig, Outcome
 from bnserve.server.errors import (
@@ -32,47 +33,9 @@ T = TypeVar("T")
 WAIT = 10.0  # upper bound for any single wait; tests normally finish in milliseconds
 
 
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
+def _save(graph: onnx.GraphProto | onnx.ModelProto, path: Path) -> Path:
+    onnx.save(graph if isinstance(graph, onnx.ModelProto) else finish(graph), path)
     return path
-
-
-def _bn_net() -> onnx.GraphProto:
-    """Conv(1->4, 3x3) + BatchNormalization (inference) + Relu + Flatten + Gemm on (N,1,8,8)."""
-    rng = np.random.default_rng(42)
-
-    def init(name: str, arr: np.ndarray) -> onnx.TensorProto:
-        return numpy_helper.from_array(arr.astype(np.float32), name)
-
-    inits = [
-        init("conv_w", rng.standard_normal((4, 1, 3, 3))),
-        init("conv_b", rng.standard_normal(4)),
-        init("bn_scale", rng.uniform(0.5, 1.5, 4)),
-        init("bn_bias", rng.standard_normal(4)),
-        init("bn_mean", rng.standard_normal(4)),
-        init("bn_var", rng.uniform(0.5, 2.0, 4)),
-        init("fc_w", rng.standard_normal((10, 256))),
-        init("fc_b", rng.standard_normal(10)),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node(
-            "BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["b"]
-        ),
-        helper.make_node("Relu", ["b"], ["r"]),
-        helper.make_node("Flatten", ["r"], ["f"], axis=1),
-        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1),
-    ]
-    return helper.make_graph(
-        nodes,
-        "bn_net",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        inits,
-    )
 
 
 def _free_dim_net() -> onnx.GraphProto:
@@ -103,7 +66,7 @@ def _gather_net() -> onnx.GraphProto:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("batcher_models")
     return {
-        "bn": _save(_bn_net(), d / "bn.onnx"),
+        "bn": _save(bn_net(), d / "bn.onnx"),
         "free": _save(_free_dim_net(), d / "free.onnx"),
         "gather": _save(_gather_net(), d / "gather.onnx"),
     }

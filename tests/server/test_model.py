@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_nets import bn_net
 
 from bnserve.server.errors import BnserveError, InvalidInputError, ModelLoadError
 from bnserve.server.model import (
@@ -34,45 +35,6 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path
-
-
-def _bn_net(training_mode: int = 0, stats_outputs: bool = False) -> onnx.ModelProto:
-    """Conv(1->4, 3x3) + BatchNormalization + Relu + Flatten + Gemm(256->10) on (N,1,8,8)."""
-    rng = np.random.default_rng(42)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "conv_b"),
-        numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "bn_scale"),
-        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bn_bias"),
-        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bn_mean"),
-        numpy_helper.from_array(rng.uniform(0.5, 2.0, 4).astype(np.float32), "bn_var"),
-        numpy_helper.from_array(rng.standard_normal((10, 256)).astype(np.float32), "fc_w"),
-        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fc_b"),
-    ]
-    bn_outputs = ["bn_out", "run_mean", "run_var"] if stats_outputs else ["bn_out"]
-    bn = helper.make_node(
-        "BatchNormalization",
-        ["conv_out", "bn_scale", "bn_bias", "bn_mean", "bn_var"],
-        bn_outputs,
-        name="bn1",
-    )
-    if training_mode:
-        bn.attribute.append(helper.make_attribute("training_mode", training_mode))
-    nodes = [
-        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["conv_out"], pads=[1, 1, 1, 1]),
-        bn,
-        helper.make_node("Relu", ["bn_out"], ["relu_out"]),
-        helper.make_node("Flatten", ["relu_out"], ["flat"], axis=1),
-        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "bn_net",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 def _batch_mean_net() -> onnx.ModelProto:
@@ -105,7 +67,7 @@ def _fixed_batch_net() -> onnx.ModelProto:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("models")
-    good = _save(_bn_net(), d / "bn_net.onnx")
+    good = _save(bn_net(), d / "bn_net.onnx")
     truncated = d / "truncated.onnx"
     raw = good.read_bytes()
     truncated.write_bytes(raw[: len(raw) // 2])
@@ -115,8 +77,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     empty.write_bytes(b"")
     return {
         "good": good,
-        "training": _save(_bn_net(training_mode=1), d / "bn_training.onnx"),
-        "stats": _save(_bn_net(stats_outputs=True), d / "bn_stats.onnx"),
+        "training": _save(bn_net(training_mode=1), d / "bn_training.onnx"),
+        "stats": _save(bn_net(stats_outputs=True), d / "bn_stats.onnx"),
         "batch_mean": _save(_batch_mean_net(), d / "batch_mean.onnx"),
         "fixed": _save(_fixed_batch_net(), d / "fixed.onnx"),
         "truncated": truncated,
@@ -174,7 +136,7 @@ def test_check_frozen_refuses_bn_with_statistics_outputs(models: dict[str, Path]
 
 
 def test_check_frozen_finds_bn_inside_subgraph(tmp_path: Path) -> None:
-    inner = _bn_net(training_mode=1).graph
+    inner = bn_net(training_mode=1).graph
     then_graph = helper.make_graph(
         list(inner.node),
         "then",

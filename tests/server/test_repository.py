@@ -23,6 +23,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_nets import bn_net
 
 from bnserve.server import repository as repo_mod
 from bnserve.server.errors import (
@@ -47,46 +48,6 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _bn_net(seed: int = 0, training_mode: int = 0) -> onnx.ModelProto:
-    """Conv(1->4, 3x3) + BatchNormalization + Relu + Flatten + Gemm(256->10), input (N,1,8,8)."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "conv_b"),
-        numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "bn_scale"),
-        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bn_bias"),
-        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bn_mean"),
-        numpy_helper.from_array(rng.uniform(0.5, 2.0, 4).astype(np.float32), "bn_var"),
-        numpy_helper.from_array(rng.standard_normal((10, 256)).astype(np.float32), "fc_w"),
-        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fc_b"),
-    ]
-    bn = helper.make_node(
-        "BatchNormalization",
-        ["conv_out", "bn_scale", "bn_bias", "bn_mean", "bn_var"],
-        ["bn_out"],
-        name="bn1",
-    )
-    if training_mode:
-        bn.attribute.append(helper.make_attribute("training_mode", training_mode))
-    nodes = [
-        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["conv_out"], pads=[1, 1, 1, 1]),
-        bn,
-        helper.make_node("Relu", ["bn_out"], ["relu_out"]),
-        helper.make_node("Flatten", ["relu_out"], ["flat"], axis=1),
-        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "bn_net",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8  # readable by any onnxruntime >= 1.14
-    return model
 
 
 def _relu_net(in_shape: list[Any], transpose: bool = False) -> onnx.ModelProto:
@@ -240,13 +201,13 @@ def test_parse_config_defaults_and_policies() -> None:
 def test_load_all_versions_policies_and_serving(tmp_path: Path) -> None:
     root = tmp_path / "repo"
     for v in (1, 2, 3):
-        _put(root, "latest1", v, _bn_net(seed=v))
-        _put(root, "latest2", v, _bn_net(seed=v))
-        _put(root, "specific", v, _bn_net(seed=v))
+        _put(root, "latest1", v, bn_net(seed=v))
+        _put(root, "latest2", v, bn_net(seed=v))
+        _put(root, "specific", v, bn_net(seed=v))
     _config(root, "latest2", {"version_policy": {"latest": {"num_versions": 2}}})
     _config(root, "specific", {"version_policy": {"specific": {"versions": [1, 3, 7]}}})
     for v in (1, 2):
-        _put(root, "all", v, _bn_net(seed=10 + v))
+        _put(root, "all", v, bn_net(seed=10 + v))
     _config(
         root,
         "all",
@@ -338,7 +299,7 @@ def test_load_all_versions_policies_and_serving(tmp_path: Path) -> None:
 
 def test_loading_runs_on_worker_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "repo"
-    _put(root, "m", 1, _bn_net())
+    _put(root, "m", 1, bn_net(seed=0))
     threads: list[threading.Thread] = []
     real = repo_mod.load_model
 
@@ -362,7 +323,7 @@ def test_loading_state_is_visible_while_loading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tmp_path / "repo"
-    _put(root, "slow", 1, _bn_net())
+    _put(root, "slow", 1, bn_net(seed=0))
     gate = threading.Event()
     real = repo_mod.load_model
 
@@ -391,8 +352,8 @@ def test_unexpected_load_error_refuses_only_that_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tmp_path / "repo"
-    _put(root, "a", 1, _bn_net())
-    _put(root, "b", 1, _bn_net())
+    _put(root, "a", 1, bn_net(seed=0))
+    _put(root, "b", 1, bn_net(seed=0))
     real = repo_mod.load_model
 
     def flaky(path: Any, **kwargs: Any) -> Any:
@@ -417,8 +378,8 @@ def test_unexpected_load_error_refuses_only_that_version(
 
 def test_get_errors_not_found_vs_not_ready(tmp_path: Path) -> None:
     root = tmp_path / "repo"
-    _put(root, "good", 1, _bn_net())
-    _put(root, "good", 2, _bn_net(seed=2))
+    _put(root, "good", 1, bn_net(seed=0))
+    _put(root, "good", 2, bn_net(seed=2))
     _put(root, "broken", 1, b"definitely not onnx")
 
     async def main() -> None:
@@ -450,10 +411,10 @@ def test_refused_models_are_reported_and_do_not_block_others(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = tmp_path / "repo"
-    good = _bn_net()
+    good = bn_net(seed=0)
     raw = good.SerializeToString()
     _put(root, "good", 1, good)
-    _put(root, "training_bn", 1, _bn_net(training_mode=1))
+    _put(root, "training_bn", 1, bn_net(training_mode=1))
     _put(root, "truncated", 1, raw[: len(raw) // 2])
     _put(root, "not_onnx", 1, b"\x00\xffthis is not a protobuf" * 10)
     _put(root, "bad_json", 1, good)
@@ -533,8 +494,8 @@ def test_refused_models_are_reported_and_do_not_block_others(
 def test_path_escapes_are_refused(tmp_path: Path) -> None:
     root = tmp_path / "repo"
     outside = tmp_path / "outside"
-    _put(outside, "victim", 1, _bn_net())  # a perfectly good model, but outside the root
-    _put(root, "good", 1, _bn_net())
+    _put(outside, "victim", 1, bn_net(seed=0))  # a perfectly good model, but outside the root
+    _put(root, "good", 1, bn_net(seed=0))
     # A version directory that is a symlink leaving the root.
     (root / "linked_version").mkdir(parents=True)
     (root / "linked_version" / "1").symlink_to(outside / "victim" / "1")
@@ -700,7 +661,7 @@ def test_hot_reload_swaps_versions_safely(
 
 def test_changed_file_of_same_version_and_config_changes(tmp_path: Path) -> None:
     root = tmp_path / "repo"
-    p = _put(root, "m", 1, _bn_net(seed=1))
+    p = _put(root, "m", 1, bn_net(seed=1))
     x = _x(4)
 
     async def main() -> None:
@@ -715,7 +676,7 @@ def test_changed_file_of_same_version_and_config_changes(tmp_path: Path) -> None
             assert repo.get("m") is first
 
             # Replaced by another model under the same version: reloaded, swapped, old drained.
-            _put(root, "m", 1, _bn_net(seed=2))
+            _put(root, "m", 1, bn_net(seed=2))
             await repo.poll_once()
             second = repo.get("m")
             assert second is not first and second.version == "1"
@@ -724,7 +685,7 @@ def test_changed_file_of_same_version_and_config_changes(tmp_path: Path) -> None
             await _until(lambda: first.loaded.pool.closed, "first sessions closed")
 
             # Replaced by a broken file: refused, the previous file keeps serving.
-            _put(root, "m", 1, _bn_net(seed=3, training_mode=1))
+            _put(root, "m", 1, bn_net(seed=3, training_mode=1))
             await repo.poll_once()
             assert repo.get("m") is second
             entry = _entry(repo, "m", "1")
@@ -732,7 +693,7 @@ def test_changed_file_of_same_version_and_config_changes(tmp_path: Path) -> None
             assert "training mode" in entry.reason
 
             # Fixed again, and config.json appears with new settings: reloaded with them.
-            _put(root, "m", 1, _bn_net(seed=4))
+            _put(root, "m", 1, bn_net(seed=4))
             _config(root, "m", {"instances": 2, "batching": {"max_queue_size": 7}})
             await repo.poll_once()
             third = repo.get("m")
@@ -745,7 +706,7 @@ def test_changed_file_of_same_version_and_config_changes(tmp_path: Path) -> None
             assert repo.get("m") is third
             assert "config.json refused" in _entry(repo, "m", "1").reason
             # The version policy changes to "all" and version 2 appears: both served.
-            _put(root, "m", 2, _bn_net(seed=5))
+            _put(root, "m", 2, bn_net(seed=5))
             _config(root, "m", {"version_policy": {"all": {}}})
             await repo.poll_once()
             assert _states(repo, "m") == {"1": "READY", "2": "READY"}
@@ -758,8 +719,8 @@ def test_changed_file_of_same_version_and_config_changes(tmp_path: Path) -> None
 
 def test_unload_and_explicit_load(tmp_path: Path) -> None:
     root = tmp_path / "repo"
-    _put(root, "m", 1, _bn_net())
-    _put(root, "bad", 1, _bn_net(training_mode=1))
+    _put(root, "m", 1, bn_net(seed=0))
+    _put(root, "bad", 1, bn_net(training_mode=1))
     events = Events()
 
     async def main() -> None:
@@ -795,7 +756,7 @@ def test_unload_and_explicit_load(tmp_path: Path) -> None:
                 await repo.unload("../m")
 
             # A model added after start-up and loaded explicitly.
-            _put(root, "late", 3, _bn_net(seed=9))
+            _put(root, "late", 3, bn_net(seed=9))
             await repo.load("late")
             assert repo.get("late").version == "3"
         finally:
@@ -813,7 +774,7 @@ def test_unload_and_explicit_load(tmp_path: Path) -> None:
 
 def test_close_drains_accepted_requests(tmp_path: Path) -> None:
     root = tmp_path / "repo"
-    p = _put(root, "m", 1, _bn_net())
+    p = _put(root, "m", 1, bn_net(seed=0))
     x = _x(8)
 
     async def main() -> None:
@@ -853,7 +814,7 @@ def test_missing_root_and_poll_forever(tmp_path: Path) -> None:
         await repo.load_all()
         assert repo.names() == []
         poller = asyncio.create_task(repo.poll_forever(0.02))
-        _put(root, "m", 1, _bn_net())
+        _put(root, "m", 1, bn_net(seed=0))
         await _until(lambda: repo.ready("m"), "the poller to load a new model")
         poller.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -18,7 +18,7 @@ from bnserve.client.drift import fetch, render, scrape
 from bnserve.server.app import serve_in_thread
 from bnserve.server.config import Settings
 from bnserve.server.drift import DriftMonitor, symmetric_kl
-from bnserve.training.data import digits
+from bnserve.training.data import digits, vol3d
 
 BUNDLED = Path(__file__).resolve().parents[2] / "model_repository"
 EARLY = ("features.1", "features.4")  # the first two folded BN layers of digits
@@ -45,6 +45,15 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def x_test() -> np.ndarray:
     return digits().x_test
+
+
+@pytest.fixture(scope="module")
+def vol_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("drift_vol3d") / "repo"
+    (root / "vol3d").mkdir(parents=True)
+    shutil.copy(BUNDLED / "vol3d" / "config.json", root / "vol3d" / "config.json")
+    shutil.copytree(BUNDLED / "vol3d" / "1", root / "vol3d" / "1")
+    return root
 
 
 def _settings(repo: Path, rate: float) -> Settings:
@@ -173,3 +182,31 @@ def test_drift_cli_reads_model_statistics(
     with serve_in_thread(_settings(repo, 0.0)) as app:
         assert cli.main(["drift", "--target", f"127.0.0.1:{app.port}"]) == 1
         assert "no drift series" in capsys.readouterr().out
+
+
+VOL_EARLY = ("features.0.1", "features.1.1")  # vol3d's first two folded BN layers
+
+
+@pytest.mark.parametrize("kind", [None, "noise", "contrast", "shift"])
+def test_vol3d_scores(vol_repo: Path, kind: str | None) -> None:
+    """The same threshold holds for the 3D model (docs/drift.md): clean test volumes stay far
+    below it on the early layers, noised or inverted ones far above. A shift is no drift here:
+    vol3d's solids sit at random positions, so a rolled volume is still training-like."""
+    x = vol3d(n_train=1200).x_test  # (300, 1, 32, 32, 32) float32
+    x = x if kind is None else drift_transform(x, kind, seed=0)
+    with serve_in_thread(_settings(vol_repo, 1.0)) as app:
+        monitor = app.repository.get("vol3d").drift
+        assert monitor is not None and [r.layer for r in monitor.layers][:2] == list(VOL_EARLY)
+        sent = 0
+        with InferenceClient(f"127.0.0.1:{app.port}", timeout=30) as client:
+            for i in range(0, len(x), 16):
+                client.infer("vol3d", x[i : i + 16])
+                sent += 1
+        wait_for(_caught_up(monitor, sent), 60)
+        assert monitor.samples >= sent // 2
+        scores = monitor.scores()
+    early = [scores[layer] for layer in VOL_EARLY]
+    if kind in (None, "shift"):
+        assert max(early) < THRESHOLD / 5, scores
+    else:
+        assert min(early) > 100 * THRESHOLD, scores

@@ -150,6 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
         "metrics_port",
         "poll",
         "grace",
+        "lame_duck",
         "instances",
         "max_message_mb",
         "log_level",
@@ -315,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; -1 = off)")
     p.add_argument("--poll", type=float, help="rescan the repository every SECONDS (hot reload)")
     p.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown (10)")
+    p.add_argument(
+        "--lame-duck",
+        type=float,
+        help="seconds after SIGTERM during which new calls still get UNAVAILABLE before the "
+        "port closes, within --grace (0: close once drained)",
+    )
     p.add_argument("--instances", type=int, help="onnxruntime sessions per model (CPU count)")
     p.add_argument("--max-message-mb", type=int, help="gRPC message size limit in MiB (64)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")

@@ -162,7 +162,8 @@ class App:
             return
         self._stopped.set()
         grace = self.settings.grace if grace is None else grace
-        deadline = time.monotonic() + grace
+        signalled = time.monotonic()
+        deadline = signalled + grace
         log.info("draining: %d request(s) in flight, grace %.1f s", self.state.inflight, grace)
         self.state.accepting = False
         await self.health.enter_graceful_shutdown()
@@ -172,6 +173,14 @@ class App:
                 await self._poller
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.state.idle.wait(), timeout=max(0.0, grace))
+        # Lame duck: the port stays open, refusing new calls with UNAVAILABLE, until lame_duck
+        # seconds after the signal (within the grace period). A call that reaches the port
+        # while grpc closes it is cancelled by grpc before bnserve sees it; clients that got
+        # their UNAVAILABLE meanwhile have moved on. A timed period by design: nothing to poll.
+        lame_end = min(signalled + self.settings.lame_duck, deadline)
+        if (lame_s := lame_end - time.monotonic()) > 0:
+            log.info("lame duck: refusing new calls for %.1f s before closing the port", lame_s)
+            await asyncio.sleep(lame_s)
         left = self.state.inflight
         await self.repository.close(max(0.0, deadline - time.monotonic()))
         await self.server.stop(max(0.0, deadline - time.monotonic()))

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     grace: float = Field(
         default=DEFAULT_GRACE_S, ge=0, description="seconds in-flight requests get at shutdown"
     )
+    lame_duck: float = Field(
+        default=0.0,
+        ge=0,
+        description="seconds after the shutdown signal during which new calls still get "
+        "UNAVAILABLE before the port closes (within --grace); 0: close once drained",
+    )
     instances: int | None = Field(
         default=None, ge=1, description="onnxruntime sessions per model (default: CPU count)"
     )

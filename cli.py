@@ -138,7 +138,6 @@ def _inspect(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from bnserve.server.app import serve
     from bnserve.server.config import Settings
 
     # Only flags given on the command line override BNSERVE_* variables and defaults.
@@ -151,6 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
         "poll",
         "grace",
         "lame_duck",
+        "workers",
         "instances",
         "max_message_mb",
         "log_level",
@@ -174,6 +174,12 @@ def _serve(args: argparse.Namespace) -> int:
         )
         raise ValueError(f"invalid settings: {problems}") from None
     logging.getLogger().setLevel(settings.log_level)
+    if settings.workers > 1:
+        from bnserve.server.workers import supervise
+
+        return supervise(settings)  # no grpc, no onnxruntime in this process
+    from bnserve.server.app import serve
+
     return serve(settings)
 
 
@@ -316,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; -1 = off)")
     p.add_argument("--poll", type=float, help="rescan the repository every SECONDS (hot reload)")
     p.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown (10)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the port (SO_REUSEPORT), each with every model; "
+        "metrics of worker i on --metrics-port + i (1)",
+    )
     p.add_argument(
         "--lame-duck",
         type=float,

@@ -80,7 +80,8 @@ class App:
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Off unless this process is one of --workers: then the kernel spreads connections.
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ]
         self.server = grpc.aio.server(
             options=options, interceptors=[self.auth] if self.auth else None

@@ -41,6 +41,15 @@ class Settings(BaseSettings):
         description="seconds after the shutdown signal during which new calls still get "
         "UNAVAILABLE before the port closes (within --grace); 0: close once drained",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="server processes sharing the port (SO_REUSEPORT); each loads every model",
+    )
+    reuse_port: bool = Field(
+        default=False, description="bind with SO_REUSEPORT (set for --workers' processes)"
+    )
     instances: int | None = Field(
         default=None, ge=1, description="onnxruntime sessions per model (default: CPU count)"
     )

@@ -70,6 +70,7 @@ RUNS: tuple[tuple[str, str, int, int], ...] = (
 )
 # Triton's perf_analyzer against the same server (when its chroot is prepared, as root): digits.
 PA_RUNS: tuple[tuple[str, int], ...] = (("unary", 1), ("unary", 16), ("stream", 16))
+PA_WORKERS = 2  # then digits unary c16 once more against `serve --workers 2 --instances 1`
 PA_ROOT = Path(os.environ.get("PA_ROOT", "/var/cache/bnserve/perf-analyzer-trixie"))
 PA_SCRIPT = ROOT / "bench" / "perf_analyzer.sh"
 # Drift monitoring's cost (issue: 1% sampling costs <= 3% throughput): digits unary c8, alternate
@@ -421,11 +422,20 @@ def _inference_count(target: str, model: str) -> int:
 
 
 def run_perf_analyzer(
-    server: Server, model: str, mode: str, concurrency: int, d: Durations, workdir: Path
+    server: Server,
+    model: str,
+    mode: str,
+    concurrency: int,
+    d: Durations,
+    workdir: Path,
+    *,
+    label: str | None = None,
+    count: bool = True,
 ) -> PaRun:
     """One perf_analyzer profile (a few measurement windows of d.run_s / 4 each). Its server
-    CPU a request is over every inference the server counted meanwhile (ModelStatistics)."""
-    out = PaRun(mode, concurrency)
+    CPU a request is over every inference the server counted meanwhile (ModelStatistics);
+    count=False (a --workers server, whose ModelStatistics is per worker) leaves it out."""
+    out = PaRun(label or mode, concurrency)
     csv_path = workdir / "pa.csv"
     csv_path.unlink(missing_ok=True)
     interval_ms = max(200, int(d.run_s * 1000 / 4))
@@ -450,7 +460,8 @@ def run_perf_analyzer(
         csv_path.name,
         *(["--streaming"] if mode == "stream" else []),
     ]
-    count0, cpu0 = _inference_count(server.target, model), proc_cpu_s(server.pid)
+    count0 = _inference_count(server.target, model) if count else 0
+    cpu0 = proc_cpu_s(server.pid)
     try:
         proc = subprocess.run(
             command, cwd=workdir, capture_output=True, text=True, timeout=60 + 10 * d.run_s
@@ -458,8 +469,8 @@ def run_perf_analyzer(
     except subprocess.TimeoutExpired:
         out.error = "timed out"
         return out
-    cpu1, count1 = proc_cpu_s(server.pid), _inference_count(server.target, model)
-    out.served = count1 - count0
+    cpu1 = proc_cpu_s(server.pid)
+    out.served = _inference_count(server.target, model) - count0 if count else 0
     if out.served > 0:
         out.server_cpu_ms_per_request = 1000 * (cpu1 - cpu0) / out.served
     if proc.returncode != 0 or not csv_path.is_file():
@@ -1050,7 +1061,9 @@ def render(
             "`bench/perf_analyzer.sh -m digits -i grpc --concurrency-range C "
             "[--streaming]` (C++ client, docs/perf_analyzer.md), a few measurement windows "
             "each. Server CPU a request is over every inference the server counted during the "
-            "run (ModelStatistics before and after), warm-up windows included."
+            "run (ModelStatistics before and after), warm-up windows included. The last row "
+            "is a separate server, `serve --workers 2 --instances 1` (two processes on one "
+            "port; its ModelStatistics are per worker, so no CPU a request there)."
         )
         w("")
         w("| model | mode | c | req/s | p50 ms | p99 ms | server CPU ms/req | note |")
@@ -1203,6 +1216,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rc not in (0, None):
         _say(f"warning: the server exited with {rc}; log: {log_path}")
     else:
+        log_path.unlink(missing_ok=True)
+
+    # 3b'. perf_analyzer against `serve --workers 2` (a session each): the SO_REUSEPORT option.
+    if pa_skipped is None:
+        workers = start_server(repo, log_path, 1, extra=["--workers", str(PA_WORKERS)])
+        try:
+            with tempfile.TemporaryDirectory(prefix="bnserve-pa-") as workdir:
+                time.sleep(d.settle_s)
+                pa = run_perf_analyzer(
+                    workers,
+                    "digits",
+                    "unary",
+                    16,
+                    d,
+                    Path(workdir),
+                    label=f"unary, --workers {PA_WORKERS} --instances 1",
+                    count=False,
+                )
+                pa_runs.append(pa)
+                _say(f"perf_analyzer digits {pa.mode} c16: {pa.throughput_rps} req/s {pa.error}")
+        finally:
+            stop_server(workers)
         log_path.unlink(missing_ok=True)
 
     # 3c. drift monitoring's cost: servers of its own.

@@ -133,9 +133,14 @@ def test_json_accounts_for_every_run(report, suite) -> None:
     # perf_analyzer: run when it can run here (root, chroot prepared), else the reason is named
     pa = data["perf_analyzer"]
     if pa["skipped"] is None:
-        assert [(r["mode"], r["concurrency"]) for r in pa["runs"]] == list(suite.PA_RUNS)
+        worker_run = ("unary, --workers 2 --instances 1", 16)
+        assert [(r["mode"], r["concurrency"]) for r in pa["runs"]] == [
+            *suite.PA_RUNS,
+            worker_run,
+        ]
         for r in pa["runs"]:
-            assert r["error"] == "" and r["throughput_rps"] > 0 and r["served"] > 0, r
+            assert r["error"] == "" and r["throughput_rps"] > 0, r
+            assert (r["served"] > 0) == ((r["mode"], r["concurrency"]) != worker_run), r
     else:
         assert pa["runs"] == [] and pa["skipped"]
     assert data["server"]["rss_ready_kb"] > 10_000

@@ -33,13 +33,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def _copy_bundled(tmp_path_factory: pytest.TempPathFactory, model: str) -> Path:
+    """A repository holding only the bundled `model` (config.json with its drift reference)."""
+    root = tmp_path_factory.mktemp(f"drift_{model}") / "repo"
+    (root / model).mkdir(parents=True)
+    shutil.copy(BUNDLED / model / "config.json", root / model / "config.json")
+    shutil.copytree(BUNDLED / model / "1", root / model / "1")
+    return root
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("drift") / "repo"
-    (root / "digits").mkdir(parents=True)
-    shutil.copy(BUNDLED / "digits" / "config.json", root / "digits" / "config.json")
-    shutil.copytree(BUNDLED / "digits" / "1", root / "digits" / "1")
-    return root
+    return _copy_bundled(tmp_path_factory, "digits")
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +54,7 @@ def x_test() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def vol_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("drift_vol3d") / "repo"
-    (root / "vol3d").mkdir(parents=True)
-    shutil.copy(BUNDLED / "vol3d" / "config.json", root / "vol3d" / "config.json")
-    shutil.copytree(BUNDLED / "vol3d" / "1", root / "vol3d" / "1")
-    return root
+    return _copy_bundled(tmp_path_factory, "vol3d")
 
 
 def _settings(repo: Path, rate: float) -> Settings:

@@ -273,6 +273,17 @@ def start_server(
     return server
 
 
+def wait_for_log_lines(path: Path, marker: str, n: int, timeout: float = 60.0) -> None:
+    """Until `path` holds n lines containing `marker` (bounded, polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace")
+        if sum(marker in line for line in text.splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{n} x {marker!r} not in {path} after {timeout:.0f} s")
+
+
 def stop_server(server: Server, grace: float = 15.0) -> int | None:
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGTERM)
@@ -460,28 +471,44 @@ def run_perf_analyzer(
         csv_path.name,
         *(["--streaming"] if mode == "stream" else []),
     ]
-    count0 = _inference_count(server.target, model) if count else 0
-    cpu0 = proc_cpu_s(server.pid)
     try:
-        proc = subprocess.run(
-            command, cwd=workdir, capture_output=True, text=True, timeout=60 + 10 * d.run_s
+        count0 = _inference_count(server.target, model) if count else 0
+        cpu0 = proc_cpu_s(server.pid)
+        # Its own session: on timeout the whole chain (bash, timeout, unshare, chroot,
+        # perf_analyzer) is killed, not just bash, so nothing loads the cores afterwards.
+        proc = subprocess.Popen(
+            command,
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired:
-        out.error = "timed out"
-        return out
-    cpu1 = proc_cpu_s(server.pid)
-    out.served = _inference_count(server.target, model) - count0 if count else 0
-    if out.served > 0:
-        out.server_cpu_ms_per_request = 1000 * (cpu1 - cpu0) / out.served
-    if proc.returncode != 0 or not csv_path.is_file():
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["no output"]
-        out.error = f"exit {proc.returncode}: {tail[0][:200]}"
-        return out
-    with csv_path.open() as f:
-        row = next(csv.DictReader(f))
-    out.throughput_rps = float(row["Inferences/Second"])
-    out.p50_ms = float(row["p50 latency"]) / 1000
-    out.p99_ms = float(row["p99 latency"]) / 1000
+        try:
+            output, _ = proc.communicate(timeout=60 + 10 * d.run_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            out.error = "timed out"
+            return out
+        cpu1 = proc_cpu_s(server.pid)
+        out.served = _inference_count(server.target, model) - count0 if count else 0
+        if out.served > 0:
+            out.server_cpu_ms_per_request = 1000 * (cpu1 - cpu0) / out.served
+        if proc.returncode != 0 or not csv_path.is_file():
+            tail = output.strip().splitlines()[-1:] or ["no output"]
+            out.error = f"exit {proc.returncode}: {tail[0][:200]}"
+            return out
+        with csv_path.open() as f:
+            row = next(csv.DictReader(f), None)
+        if row is None:
+            out.error = "perf_analyzer wrote no result row"
+            return out
+        out.throughput_rps = float(row["Inferences/Second"])
+        out.p50_ms = float(row["p50 latency"]) / 1000
+        out.p99_ms = float(row["p99 latency"]) / 1000
+    except Exception as exc:  # one profile's failure is reported, not the end of the suite
+        out.error = f"{type(exc).__name__}: {str(exc)[:200]}"
     return out
 
 
@@ -1220,8 +1247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 3b'. perf_analyzer against `serve --workers 2` (a session each): the SO_REUSEPORT option.
     if pa_skipped is None:
-        workers = start_server(repo, log_path, 1, extra=["--workers", str(PA_WORKERS)])
+        workers_log = _server_log()
+        workers = start_server(repo, workers_log, 1, extra=["--workers", str(PA_WORKERS)])
         try:
+            wait_for_log_lines(workers_log, " serving ", PA_WORKERS)  # every worker, not one
             with tempfile.TemporaryDirectory(prefix="bnserve-pa-") as workdir:
                 time.sleep(d.settle_s)
                 pa = run_perf_analyzer(
@@ -1237,15 +1266,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pa_runs.append(pa)
                 _say(f"perf_analyzer digits {pa.mode} c16: {pa.throughput_rps} req/s {pa.error}")
         finally:
-            stop_server(workers)
-        log_path.unlink(missing_ok=True)
+            workers_rc = stop_server(workers)
+        if workers_rc not in (0, None):
+            _say(f"warning: the --workers server exited with {workers_rc}; log: {workers_log}")
+        else:
+            workers_log.unlink(missing_ok=True)
 
     # 3c. drift monitoring's cost: servers of its own.
     pairs = 1 if args.quick else DRIFT_PAIRS
     _say(f"drift monitoring cost: {pairs} pair(s) of servers, rate 0 and {DRIFT_RATE:g}")
-    drift = measure_drift_cost(repo, args.instances, d, pairs, log_path)
+    drift_log = _server_log()
+    drift = measure_drift_cost(repo, args.instances, d, pairs, drift_log)
     _say(f"drift cost: {drift.cost_pct:.1f}% ({drift.off_rps} -> {drift.on_rps} req/s)")
-    log_path.unlink(missing_ok=True)
+    drift_log.unlink(missing_ok=True)
 
     # 4. the report.
     info["loadavg_end"] = loadavg()

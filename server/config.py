@@ -83,6 +83,15 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _lame_duck_within_grace(self) -> Settings:
+        if self.lame_duck > 0 and self.lame_duck >= self.grace:
+            raise ValueError(
+                f"lame_duck ({self.lame_duck:g} s) must be shorter than grace ({self.grace:g} s): "
+                "the port closes within the grace period, and the drain needs some of it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             given, missing = (

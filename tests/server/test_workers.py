@@ -117,3 +117,35 @@ def test_a_worker_that_dies_takes_the_set_down() -> None:
     assert log.count("stopped cleanly: every accepted request was answered") == 1  # the other
     with grpc.insecure_channel(server.target) as ch, pytest.raises(grpc.RpcError):
         pb_grpc.GRPCInferenceServiceStub(ch).ServerLive(pb.ServerLiveRequest(), timeout=2)
+
+
+def test_lame_duck_must_leave_room_for_the_drain() -> None:
+    with pytest.raises(ValueError, match=r"lame_duck \(10 s\) must be shorter than grace \(10 s\)"):
+        Settings(lame_duck=10, grace=10)
+    assert Settings(lame_duck=2, grace=10).lame_duck == 2.0
+    assert Settings(lame_duck=0, grace=0).lame_duck == 0.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_stop_when_the_supervisor_is_killed() -> None:
+    """SIGKILL of the supervisor: the kernel sends each worker SIGTERM (PR_SET_PDEATHSIG), so no
+    orphan keeps serving old models on the shared port."""
+    server = ServerProcess(BUNDLED, "--workers", "2", "--instances", "1", "--grace", "5")
+    try:
+        _serving_lines(server, 2)
+        pids = [int(p) for p in re.findall(r"worker \d/2 pid (\d+)", "".join(server.log))]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        server.kill()  # SIGKILL: no chance to forward anything
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in pids), "a worker outlived its supervisor"
+    finally:
+        server.kill()

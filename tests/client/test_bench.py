@@ -13,12 +13,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from bnserve.client.bench import (
     BenchConfig,
     BenchResult,
     _Ids,
+    _stream_code,
     build_workload,
     render,
     run_bench,
@@ -331,3 +333,22 @@ def test_only_unavailable_is_retried(target: str, dead: str) -> None:
     assert n > 0
     assert result.errors_by_code == {"NOT_FOUND": n}
     assert result.retried == n // 2  # requests 1, 3, 5, ... start on the dead target
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "expected"),
+    [
+        (grpc.StatusCode.INTERNAL, "Internal error from Core", "UNAVAILABLE"),
+        (grpc.StatusCode.INTERNAL, "Stream removed (RST_STREAM)", "UNAVAILABLE"),
+        (grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)", "UNAVAILABLE"),
+        (grpc.StatusCode.INTERNAL, "internal server error (see server log)", "INTERNAL"),
+        (grpc.StatusCode.UNKNOWN, "Exception iterating responses: boom", "UNKNOWN"),
+    ],
+)
+def test_a_stream_lost_with_its_connection_counts_as_unavailable(
+    code: grpc.StatusCode, details: str, expected: str
+) -> None:
+    """What grpcio says when a server dies under a stream (measured by SIGKILLing one: the
+    first three) is retried like UNAVAILABLE; a status the server sent keeps its code."""
+    exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+    assert _stream_code(exc) == expected

@@ -485,7 +485,7 @@ def _code(exc: BaseException) -> str:
     return CLIENT_ERROR
 
 
-# How gRPC words a connection lost under a stream. When a server dies mid-stream the status is
+# How gRPC words a lost connection. When a server dies under a call or stream the status is
 # usually UNAVAILABLE, but depending on what the transport saw first it can be INTERNAL (e.g. a
 # reset HTTP/2 stream): that is the same event, a dead server, and is retried like UNAVAILABLE.
 _TRANSPORT_WORDS = (
@@ -505,8 +505,9 @@ _TRANSPORT_WORDS = (
 )
 
 
-def _stream_code(exc: grpc.aio.AioRpcError) -> str:
-    """The status of a stream that broke (not an in-band answer: those keep their code)."""
+def _transport_code(exc: grpc.aio.AioRpcError) -> str:
+    """The status of a call or stream that failed (not an in-band answer: those keep their
+    code), a lost connection worded INTERNAL/UNKNOWN by gRPC counted as UNAVAILABLE."""
     code = _code(exc)
     details = (exc.details() or "").lower()
     if code in ("INTERNAL", "UNKNOWN") and any(w in details for w in _TRANSPORT_WORDS):
@@ -576,7 +577,7 @@ class _Unary:
         try:
             await call(payload, timeout=deadline - clock())
         except grpc.aio.AioRpcError as exc:
-            return str(exc.code().name)
+            return _transport_code(exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -612,7 +613,10 @@ class _Stream:
                 await call.write(payload)
             await call.done_writing()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            self._die(_stream_code(exc) if isinstance(exc, grpc.aio.AioRpcError) else UNAVAILABLE)
+            if isinstance(exc, grpc.aio.AioRpcError):
+                self._die(_transport_code(exc))
+            else:  # InvalidStateError: the call ended under the write
+                self._die(UNAVAILABLE)
 
     async def _read(self) -> None:
         pending = self.owner.pending
@@ -631,7 +635,7 @@ class _Stream:
                 else:
                     fut.set_result(None)
         except grpc.aio.AioRpcError as exc:
-            self._die(_stream_code(exc))
+            self._die(_transport_code(exc))
         else:
             self._die(UNAVAILABLE)  # the server ended the stream
 

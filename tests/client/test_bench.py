@@ -20,7 +20,7 @@ from bnserve.client.bench import (
     BenchConfig,
     BenchResult,
     _Ids,
-    _stream_code,
+    _transport_code,
     build_workload,
     render,
     run_bench,
@@ -345,10 +345,10 @@ def test_only_unavailable_is_retried(target: str, dead: str) -> None:
         (grpc.StatusCode.UNKNOWN, "Exception iterating responses: boom", "UNKNOWN"),
     ],
 )
-def test_a_stream_lost_with_its_connection_counts_as_unavailable(
+def test_a_call_lost_with_its_connection_counts_as_unavailable(
     code: grpc.StatusCode, details: str, expected: str
 ) -> None:
     """What grpcio says when a server dies under a stream (measured by SIGKILLing one: the
     first three) is retried like UNAVAILABLE; a status the server sent keeps its code."""
     exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
-    assert _stream_code(exc) == expected
+    assert _transport_code(exc) == expected

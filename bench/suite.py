@@ -273,6 +273,15 @@ def start_server(
     return server
 
 
+def _stop_keeping_log(server: Server, what: str) -> None:
+    """Stop `server`; its log is deleted after a clean exit, kept (and named) otherwise."""
+    rc = stop_server(server)
+    if rc not in (0, None):
+        _say(f"warning: {what} exited with {rc}; log: {server.log_path}")
+    else:
+        server.log_path.unlink(missing_ok=True)
+
+
 def wait_for_log_lines(path: Path, marker: str, n: int, timeout: float = 60.0) -> None:
     """Until `path` holds n lines containing `marker` (bounded, polled)."""
     deadline = time.monotonic() + timeout
@@ -1239,11 +1248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _say(f"perf_analyzer not run: {pa_skipped}")
     finally:
-        rc = stop_server(server)
-    if rc not in (0, None):
-        _say(f"warning: the server exited with {rc}; log: {log_path}")
-    else:
-        log_path.unlink(missing_ok=True)
+        _stop_keeping_log(server, "the server")
 
     # 3b'. perf_analyzer against `serve --workers 2` (a session each): the SO_REUSEPORT option.
     if pa_skipped is None:
@@ -1266,11 +1271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pa_runs.append(pa)
                 _say(f"perf_analyzer digits {pa.mode} c16: {pa.throughput_rps} req/s {pa.error}")
         finally:
-            workers_rc = stop_server(workers)
-        if workers_rc not in (0, None):
-            _say(f"warning: the --workers server exited with {workers_rc}; log: {workers_log}")
-        else:
-            workers_log.unlink(missing_ok=True)
+            _stop_keeping_log(workers, "the --workers server")
 
     # 3c. drift monitoring's cost: servers of its own.
     pairs = 1 if args.quick else DRIFT_PAIRS

@@ -32,7 +32,15 @@ import onnxruntime as ort
 
 from .model import SHRINK_RUN, session_options
 
-__all__ = ["DriftMonitor", "DriftSink", "LayerReference", "parse_reference", "symmetric_kl"]
+__all__ = [
+    "DriftMonitor",
+    "DriftSink",
+    "LayerReference",
+    "channel_moments",
+    "parse_reference",
+    "symmetric_kl",
+    "with_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +157,26 @@ def _moments_graph(path: str, tensors: Sequence[str]) -> tuple[bytes, list[str]]
     return proto.SerializeToString(), outputs
 
 
-def _with_outputs(path: str, tensors: Sequence[str]) -> bytes:
-    proto = onnx.load(path)
-    present = {o.name for o in proto.graph.output}
+def with_outputs(proto: onnx.ModelProto, tensors: Sequence[str]) -> bytes:
+    """A serialized copy of `proto` that also outputs `tensors` (float, shape left unknown).
+    Used here (the monitor's fallback graph) and at export (training/drift_reference.py)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    present = {o.name for o in copy.graph.output}
     for name in tensors:
         if name not in present:
-            proto.graph.output.append(
+            copy.graph.output.append(
                 onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
             )
-    return proto.SerializeToString()
+    return copy.SerializeToString()
 
 
-def _channel_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def channel_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel (axis 1) sum and sum of squares in float64 over every other axis, and the
+    number of values per channel (their quotients are E[x] and E[x^2])."""
     axes = (0, *range(2, x.ndim))
     x64 = x.astype(np.float64, copy=False)
-    return x64.mean(axis=axes), np.square(x64).mean(axis=axes)
+    return x64.sum(axis=axes), np.square(x64).sum(axis=axes), x.size // x.shape[1]
 
 
 class DriftMonitor:
@@ -194,7 +207,9 @@ class DriftMonitor:
         graph = _moments_graph(path, tensors)
         # In-graph moments (two outputs per layer), else the raw tensors and numpy.
         self._in_graph = graph is not None
-        built, self._names = graph if graph is not None else (_with_outputs(path, tensors), tensors)
+        built, self._names = (
+            graph if graph is not None else (with_outputs(onnx.load(path), tensors), tensors)
+        )
         self._session = ort.InferenceSession(
             built, session_options(), providers=["CPUExecutionProvider"]
         )
@@ -252,7 +267,8 @@ class DriftMonitor:
         if self._in_graph:
             moments = [(outs[2 * j], outs[2 * j + 1]) for j in range(len(self.layers))]
         else:
-            moments = [_channel_moments(np.asarray(out)) for out in outs]
+            sums = [channel_moments(np.asarray(out)) for out in outs]
+            moments = [(s1 / n, s2 / n) for s1, s2, n in sums]
         for ref, running, (m1, m2) in zip(self.layers, self._running, moments, strict=True):
             running.update(np.asarray(m1), np.asarray(m2), weight)
             mean, var = running.moments()

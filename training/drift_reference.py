@@ -17,6 +17,8 @@ import onnx
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnserve.server.drift import channel_moments, with_outputs
+
 from .export import session
 
 # ONNX ops a BN can be folded into (training/fold.py: Conv*, ConvTranspose*, Linear).
@@ -55,27 +57,6 @@ def folded_tensors(proto: onnx.ModelProto, producers: dict[str, str]) -> list[tu
         if owner in producers:
             out.append((node.output[0], producers[owner]))
     return out
-
-
-def with_outputs(proto: onnx.ModelProto, tensors: list[str]) -> bytes:
-    """A serialized copy of `proto` that also outputs `tensors` (float, shape left unknown)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    present = {o.name for o in copy.graph.output}
-    for name in tensors:
-        if name not in present:
-            copy.graph.output.append(
-                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-            )
-    return copy.SerializeToString()
-
-
-def channel_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-channel (axis 1) sum and sum of squares in float64 over every other axis, and the
-    number of values per channel."""
-    axes = (0, *range(2, x.ndim))
-    x64 = x.astype(np.float64)
-    return x64.sum(axis=axes), np.square(x64).sum(axis=axes), x.size // x.shape[1]
 
 
 def reference(

@@ -211,3 +211,35 @@ def test_vol3d_scores(vol_repo: Path, kind: str | None) -> None:
         assert max(early) < THRESHOLD / 5, scores
     else:
         assert min(early) > 100 * THRESHOLD, scores
+
+
+def test_numpy_fallback_scores_like_the_in_graph_moments(
+    x_test: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model the in-graph moments cannot serve (opset < 18, unknown rank) gets the folded
+    tensors as raw outputs and numpy moments: the same scores, up to float32 vs float64 sums."""
+    import json
+
+    from bnserve.server import drift
+
+    path = str(BUNDLED / "digits" / "1" / "model.onnx")
+    layers = drift.parse_reference(
+        json.loads((BUNDLED / "digits" / "config.json").read_text()), "1"
+    )
+    batches = [[{"input": x_test[i : i + 16]}] for i in range(0, 160, 16)]
+
+    def scores(in_graph: bool) -> dict[str, float]:
+        monitor = drift.DriftMonitor("digits", "1", path, layers, rate=1.0)
+        assert monitor._in_graph is in_graph
+        try:
+            for b in batches:
+                monitor._observe(b)  # the worker's step, run here for determinism
+            return monitor.scores()
+        finally:
+            monitor.close()
+
+    in_graph = scores(True)
+    monkeypatch.setattr(drift, "_moments_graph", lambda path, tensors: None)
+    fallback = scores(False)
+    assert list(fallback) == list(in_graph) == [r.layer for r in layers]
+    assert fallback == pytest.approx(in_graph, rel=1e-3, abs=1e-7)

@@ -164,6 +164,17 @@ class BatchingSettings:
     max_queue_size: int = 1024
     max_combined_batch_size: int | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        """The `batching` object of config.json (what _parse_batching reads back)."""
+        out: dict[str, Any] = {
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "preferred_batch_sizes": list(self.preferred_batch_sizes),
+            "max_queue_size": self.max_queue_size,
+        }
+        if self.max_combined_batch_size is not None:
+            out["max_combined_batch_size"] = self.max_combined_batch_size
+        return out
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ModelConfigFile:

@@ -50,7 +50,7 @@ from onnx import helper, numpy_helper
 
 from bnserve.server.errors import BnserveError
 from bnserve.server.model import check_frozen, load_model, session_options
-from bnserve.server.repository import validate_model_name
+from bnserve.server.repository import BatchingSettings, validate_model_name
 
 __all__ = [
     "FoldReport",
@@ -830,10 +830,7 @@ def export_onnx_file(
             "max_batch_size": max_batch_size,
             "inputs": tensors(spec.inputs),
             "outputs": tensors(spec.outputs),
-            "batching": config.get(
-                "batching",
-                {"max_queue_delay_us": 0, "preferred_batch_sizes": [], "max_queue_size": 1024},
-            ),
+            "batching": config.get("batching", BatchingSettings().to_json()),
             # Unknown for a foreign model: whatever an earlier version (or a person) recorded.
             "labels": config.get("labels", []),
             "preprocessing": config.get("preprocessing", {}),

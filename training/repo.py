@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnserve.server.repository import BatchingSettings
+
 from . import data, drift_reference
 from .export import ExportReport, export_onnx, session
 from .train import TrainConfig
@@ -123,16 +125,9 @@ def write_entry(
             "max_batch_size": max_batch_size,
             "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *x_shape]}],
             "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, n_classes]}],
-            "batching": {
-                "max_queue_delay_us": 0,
-                "preferred_batch_sizes": [],
-                "max_queue_size": 1024,
-                **(
-                    {"max_combined_batch_size": MAX_COMBINED[cfg.model]}
-                    if cfg.model in MAX_COMBINED
-                    else {}
-                ),
-            },
+            "batching": BatchingSettings(
+                max_combined_batch_size=MAX_COMBINED.get(cfg.model)
+            ).to_json(),
             "labels": list(split.labels),
             "preprocessing": PREPROCESSING.get(cfg.model, {}),
         }

@@ -35,6 +35,7 @@ from bnserve.server.errors import (
 )
 from bnserve.server.model import session_options
 from bnserve.server.repository import (
+    BatchingSettings,
     IndexEntry,
     Repository,
     ServedModel,
@@ -822,3 +823,17 @@ def test_missing_root_and_poll_forever(tmp_path: Path) -> None:
         await repo.close(1.0)
 
     run(main)
+
+
+def test_batching_settings_round_trip_through_config_json() -> None:
+    for b in (
+        BatchingSettings(),
+        BatchingSettings(
+            max_queue_delay_us=100,
+            preferred_batch_sizes=(2, 4),
+            max_queue_size=7,
+            max_combined_batch_size=4,
+        ),
+    ):
+        assert parse_config("m", {"batching": b.to_json()}).batching == b
+    assert "max_combined_batch_size" not in BatchingSettings().to_json()

@@ -103,6 +103,7 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
+from bnserve.client.client import status_name
 from bnserve.proto import inference_pb2 as pb
 from bnserve.proto import inference_pb2_grpc as pb_grpc
 
@@ -485,35 +486,10 @@ def _code(exc: BaseException) -> str:
     return CLIENT_ERROR
 
 
-# How gRPC words a lost connection. When a server dies under a call or stream the status is
-# usually UNAVAILABLE, but depending on what the transport saw first it can be INTERNAL (e.g. a
-# reset HTTP/2 stream): that is the same event, a dead server, and is retried like UNAVAILABLE.
-_TRANSPORT_WORDS = (
-    "rst_stream",
-    "socket closed",
-    "connection reset",
-    "broken pipe",
-    "stream removed",
-    "goaway",
-    "connection refused",
-    "endpoint",
-    "transport",
-    # grpcio's own words when a write on a stream whose connection just broke fails inside the
-    # core (measured: SIGKILL of the server under a stream, 4 times in 12). A server's INTERNAL
-    # status carries the server's message, never this one.
-    "internal error from core",
-)
-
-
 def _transport_code(exc: grpc.aio.AioRpcError) -> str:
     """The status of a call or stream that failed (not an in-band answer: those keep their
-    code), a lost connection worded INTERNAL/UNKNOWN by gRPC counted as UNAVAILABLE."""
-    code = _code(exc)
-    details = (exc.details() or "").lower()
-    if code in ("INTERNAL", "UNKNOWN") and any(w in details for w in _TRANSPORT_WORDS):
-        log.debug("stream lost its connection (%s: %s): counted as UNAVAILABLE", code, details)
-        return UNAVAILABLE
-    return code
+    code); a lost connection counts as UNAVAILABLE however gRPC words it (status_name)."""
+    return status_name(_code(exc), exc.details() or "")
 
 
 class _Retry:
@@ -521,11 +497,34 @@ class _Retry:
     (uniform over [0, min(RETRY_MAX_BACKOFF_S, RETRY_BACKOFF_S * 2**n)], n = retries made so
     far), never past the request's deadline."""
 
-    __slots__ = ("_rng", "retries")
+    __slots__ = ("_rng", "retried", "retries")
 
     def __init__(self, retries: int) -> None:
         self.retries = retries
+        self.retried = 0  # re-sends made so far, over every request
         self._rng = random.Random()
+
+    async def run(
+        self,
+        target: int,
+        n_targets: int,
+        deadline: float,
+        attempt: Callable[[int, int], Awaitable[str | None]],
+    ) -> tuple[str | None, int]:
+        """attempt(target, retries made) until it succeeds (None) or its code is final; each
+        retry goes to the next target. Returns (None or the final code, the last target)."""
+        made = 0
+        while True:
+            code = await attempt(target, made)
+            if code is None:
+                return None, target
+            pause = self.pause(code, made, deadline)
+            if pause is None:
+                return code, target
+            await asyncio.sleep(pause)
+            made += 1
+            self.retried += 1
+            target = (target + 1) % n_targets
 
     def pause(self, code: str | None, made: int, deadline: float) -> float | None:
         """Seconds to wait before retrying, or None: `code` is final."""
@@ -548,27 +547,25 @@ class _Unary:
         self._ids = ids
         self._timeout = timeout
         self._retry = _Retry(retries)
-        self.retried = 0
         self.ok_by_target = [0] * self._n
+
+    @property
+    def retried(self) -> int:
+        return self._retry.retried
 
     async def send(self, t0: float) -> str | None:
         k = self._i % self._n
         self._i += 1
         payload, _ = self._ids.next()  # one id per logical request: its retries carry it too
         deadline = t0 + self._timeout
-        made = 0
-        while True:
-            code = await self._attempt(self._calls[k], payload, deadline)
-            if code is None:
-                self.ok_by_target[k] += 1
-                return None
-            pause = self._retry.pause(code, made, deadline)
-            if pause is None:
-                return code
-            await asyncio.sleep(pause)
-            made += 1
-            self.retried += 1
-            k = (k + 1) % self._n  # the next target
+
+        async def attempt(k: int, made: int) -> str | None:
+            return await self._attempt(self._calls[k], payload, deadline)
+
+        code, k = await self._retry.run(k, self._n, deadline, attempt)
+        if code is None:
+            self.ok_by_target[k] += 1
+        return code
 
     @staticmethod
     async def _attempt(
@@ -662,7 +659,6 @@ class _Streams:
     ) -> None:
         self.pending: dict[str, tuple[float, asyncio.Future[str | None], _Stream]] = {}
         self.late = 0
-        self.retried = 0
         self._channels = list(channels)
         self._t = len(self._channels)
         self.ok_by_target = [0] * self._t
@@ -676,6 +672,10 @@ class _Streams:
         self._timeout = timeout
         self._retry = _Retry(retries)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    @property
+    def retried(self) -> int:
+        return self._retry.retried
 
     def fail_stream(self, stream: _Stream, code: str) -> None:
         for sid, (_, fut, s) in list(self.pending.items()):
@@ -740,27 +740,19 @@ class _Streams:
         self._i += 1
         payload, sid = self._ids.next()  # one id per logical request: its retries carry it too
         deadline = t0 + self._timeout
-        stream: _Stream | None = first
-        target = first.target
-        made = 0
-        while True:
+
+        async def attempt(target: int, made: int) -> str | None:
+            stream = first if made == 0 else self._on_target(target)
             if stream is None:
-                code: str | None = UNAVAILABLE  # no stream to that target for now: fail fast
-            elif stream.dead is not None:
-                code = stream.dead
-            else:
-                code = await self._attempt(stream, payload, sid, t0)
-                if code is None:
-                    self.ok_by_target[target] += 1
-                    return None
-            pause = self._retry.pause(code, made, deadline)
-            if pause is None:
-                return code
-            await asyncio.sleep(pause)
-            made += 1
-            self.retried += 1
-            target = (target + 1) % self._t
-            stream = self._on_target(target)
+                return UNAVAILABLE  # no stream to that target for now: fail fast
+            if stream.dead is not None:
+                return stream.dead
+            return await self._attempt(stream, payload, sid, t0)
+
+        code, target = await self._retry.run(first.target, self._t, deadline, attempt)
+        if code is None:
+            self.ok_by_target[target] += 1
+        return code
 
     async def _attempt(self, stream: _Stream, payload: bytes, sid: str, t0: float) -> str | None:
         fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()

@@ -122,6 +122,36 @@ class InferenceError(Exception):
         return InferenceError(self.code, self.message, index=index, attempts=self.attempts)
 
 
+# How gRPC words a lost connection. When a server dies under a call or stream the status is
+# usually UNAVAILABLE, but depending on what the transport saw first it can be INTERNAL (e.g. a
+# reset HTTP/2 stream): that is the same event, a dead server, and is retried like UNAVAILABLE.
+_LOST_CONNECTION_WORDS = (
+    "rst_stream",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "stream removed",
+    "goaway",
+    "connection refused",
+    "endpoint",
+    "transport",
+    # grpcio's own words when a write on a stream whose connection just broke fails inside the
+    # core (measured: SIGKILL of the server under a stream, 4 times in 12). A server's INTERNAL
+    # status carries the server's message, never this one.
+    "internal error from core",
+)
+
+
+def status_name(code: str, details: str) -> str:
+    """The status name to act on for a failed call: `code`, except that INTERNAL or UNKNOWN
+    worded as a lost connection is UNAVAILABLE (the server is gone: retry elsewhere)."""
+    if code in ("INTERNAL", "UNKNOWN"):
+        lowered = details.lower()
+        if any(w in lowered for w in _LOST_CONNECTION_WORDS):
+            return "UNAVAILABLE"
+    return code
+
+
 def _rpc_error(exc: grpc.RpcError, attempts: int = 1) -> InferenceError:
     """The one place a gRPC error becomes an InferenceError (sync and aio errors alike)."""
     code_fn = getattr(exc, "code", None)
@@ -129,7 +159,7 @@ def _rpc_error(exc: grpc.RpcError, attempts: int = 1) -> InferenceError:
     code = code_fn() if callable(code_fn) else None
     details = details_fn() if callable(details_fn) else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    return InferenceError(name, details or str(exc), attempts=attempts)
+    return InferenceError(status_name(name, details or ""), details or str(exc), attempts=attempts)
 
 
 def _batch_error(exc: Exception) -> InferenceError:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bnserve.proto import inference_pb2 as pb
+from bnserve.server.model import SessionPool
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "model_repository"
@@ -45,6 +46,16 @@ def copy_model(
         (dst / v).mkdir(exist_ok=True)
         shutil.copy(BUNDLED / model / "1" / "model.onnx", dst / v / "model.onnx")
     return dst
+
+
+def reference_pool(model: str) -> Iterator[SessionPool]:
+    """A one-session pool of a bundled model, for the answers requests must match (a fixture
+    body: `yield from reference_pool("digits")`)."""
+    pool = SessionPool(str(BUNDLED / model / "1" / "model.onnx"), instances=1)
+    try:
+        yield pool
+    finally:
+        pool.close()
 
 
 def infer_request(

@@ -26,6 +26,7 @@ from rel_helpers import (
     copy_model,
     infer_request,
     logits_of,
+    reference_pool,
     wait_for,
     write_atomically,
 )
@@ -55,9 +56,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
 
 @pytest.fixture(scope="module")
 def digits_ref() -> Iterator[SessionPool]:
-    pool = SessionPool(str(BUNDLED / "digits" / "1" / "model.onnx"), instances=1)
-    yield pool
-    pool.close()
+    yield from reference_pool("digits")
 
 
 def _inflight_zero(app: App) -> None:

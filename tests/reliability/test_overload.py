@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import pytest
-from rel_helpers import BUNDLED, copy_model, infer_request, logits_of, wait_for
+from rel_helpers import copy_model, infer_request, logits_of, reference_pool, wait_for
 
 from bnserve.proto import inference_pb2 as pb
 from bnserve.proto import inference_pb2_grpc as pb_grpc
@@ -45,9 +45,7 @@ def slow_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
 
 @pytest.fixture(scope="module")
 def vol3d_ref() -> Iterator[SessionPool]:
-    pool = SessionPool(str(BUNDLED / "vol3d" / "1" / "model.onnx"), instances=1)
-    yield pool
-    pool.close()
+    yield from reference_pool("vol3d")
 
 
 @dataclass

@@ -151,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
         "grace",
         "lame_duck",
         "workers",
+        "frontend",
         "instances",
         "max_message_mb",
         "log_level",
@@ -174,6 +175,10 @@ def _serve(args: argparse.Namespace) -> int:
         )
         raise ValueError(f"invalid settings: {problems}") from None
     logging.getLogger().setLevel(settings.log_level)
+    if settings.frontend == "native":
+        from bnserve.server.native_frontend import exec_native
+
+        exec_native(settings)  # gates the models, then becomes the native server
     if settings.workers > 1:
         from bnserve.server.workers import supervise
 
@@ -327,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="server processes sharing the port (SO_REUSEPORT), each with every model; "
         "metrics of worker i on --metrics-port + i (1)",
+    )
+    p.add_argument(
+        "--frontend",
+        choices=("python", "native"),
+        help="python: every feature (default); native: the C++ front end, several times less "
+        "CPU a request, no hot reload/TLS/tokens/drift/--workers (`make native` builds it)",
     )
     p.add_argument(
         "--lame-duck",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,11 @@ class Settings(BaseSettings):
         ge=0,
         description="seconds after the shutdown signal during which new calls still get "
         "UNAVAILABLE before the port closes (within --grace); 0: close once drained",
+    )
+    frontend: Literal["python", "native"] = Field(
+        default="python",
+        description="who answers requests: the Python front end (every feature) or the C++ one "
+        "(server/native_frontend.py: faster; no hot reload, TLS, tokens, drift or --workers)",
     )
     workers: int = Field(
         default=1,

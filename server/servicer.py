@@ -148,6 +148,42 @@ def _config_parameters(model: ServedModel) -> dict[str, str]:
     return params
 
 
+def server_metadata(name: str = "bnserve") -> pb.ServerMetadataResponse:
+    """ServerMetadata's answer (the native front end sends the same bytes)."""
+    return codec.server_metadata_response(name=name, version=__version__, extensions=EXTENSIONS)
+
+
+def model_metadata(repo: Repository, name: str, version: str) -> pb.ModelMetadataResponse:
+    """ModelMetadata's answer for a served model version (ModelNotFoundError otherwise)."""
+    model = repo.get(name, version)
+    versions = [e.version for e in repo.index() if e.name == name and e.state == "READY"]
+    return codec.model_metadata_response(
+        name=model.name,
+        versions=versions or [model.version],
+        inputs=model.spec.inputs,
+        outputs=model.spec.outputs,
+        platform=model.spec.platform,
+    )
+
+
+def model_config(repo: Repository, name: str, version: str) -> pb.ModelConfigResponse:
+    """ModelConfig's answer for a served model version (ModelNotFoundError otherwise)."""
+    model = repo.get(name, version)
+    b = model.batcher.config
+    return codec.model_config_response(
+        name=model.name,
+        inputs=model.spec.inputs,
+        outputs=model.spec.outputs,
+        max_batch_size=model.spec.max_batch_size,
+        preferred_batch_sizes=b.preferred_batch_sizes,
+        max_queue_delay_us=b.max_queue_delay_us,
+        max_queue_size=b.max_queue_size,
+        dynamic_batching=model.spec.max_batch_size > 0,
+        instance_count=model.loaded.pool.size,
+        parameters=_config_parameters(model),
+    )
+
+
 _Msg = pb.ModelInferResponse | pb.ModelStreamInferResponse
 _M = TypeVar("_M", pb.ModelInferResponse, pb.ModelStreamInferResponse)
 
@@ -358,9 +394,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
-        return codec.server_metadata_response(
-            name=self._name, version=__version__, extensions=EXTENSIONS
-        )
+        return server_metadata(self._name)
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
@@ -368,15 +402,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._guard(context, lambda: self._metadata(request.name, request.version))
 
     def _metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
-        model = self._repo.get(name, version)
-        versions = [e.version for e in self._repo.index() if e.name == name and e.state == "READY"]
-        return codec.model_metadata_response(
-            name=model.name,
-            versions=versions or [model.version],
-            inputs=model.spec.inputs,
-            outputs=model.spec.outputs,
-            platform=model.spec.platform,
-        )
+        return model_metadata(self._repo, name, version)
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
@@ -384,20 +410,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._guard(context, lambda: self._config(request.name, request.version))
 
     def _config(self, name: str, version: str) -> pb.ModelConfigResponse:
-        model = self._repo.get(name, version)
-        b = model.batcher.config
-        return codec.model_config_response(
-            name=model.name,
-            inputs=model.spec.inputs,
-            outputs=model.spec.outputs,
-            max_batch_size=model.spec.max_batch_size,
-            preferred_batch_sizes=b.preferred_batch_sizes,
-            max_queue_delay_us=b.max_queue_delay_us,
-            max_queue_size=b.max_queue_size,
-            dynamic_batching=model.spec.max_batch_size > 0,
-            instance_count=model.loaded.pool.size,
-            parameters=_config_parameters(model),
-        )
+        return model_config(self._repo, name, version)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext

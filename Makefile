@@ -8,7 +8,7 @@ HOST   ?= 0.0.0.0
 PORT   ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: serve test lint typecheck unit models proto clean install-serve install-test bench bench-quick soak
+.PHONY: serve serve-native native test lint typecheck unit models proto clean install-serve install-test bench bench-quick soak
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (python 3.11) on PATH"; exit 1; }
@@ -38,6 +38,15 @@ install-test: $(VENV)/.test-stamp
 serve: install-serve
 	$(BNSERVE) serve --repo model_repository --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
+# The native (C++) front end, build/native/bnserve_native (server/native_frontend.py, docs/native.md):
+# gRPC C++ from Debian and the venv's onnxruntime library. Idempotent: apt-get only for what is
+# missing (needs root then), recompiles only what changed.
+native: install-serve
+	VENV=$(VENV) bash server/native/build.sh
+
+serve-native: native
+	$(BNSERVE) serve --frontend native --repo model_repository --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
 lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -48,7 +57,7 @@ typecheck: install-test
 unit: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test: install-test
+test: install-test native
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(MYPY_MODULES)

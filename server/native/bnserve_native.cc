@@ -1,0 +1,661 @@
+// bnserve_native: bnserve's native data plane (`bnserve serve --frontend native`).
+//
+// Python loads settings, scans the repository, runs the frozen-model and batch-invariance gates,
+// writes a JSON plan and execs `bnserve_native --plan PLAN.json`. This binary then serves the
+// KServe V2 / Open Inference Protocol over gRPC (proto/inference.proto) with gRPC's callback
+// API: unary handlers validate and queue a request and return; the model version's worker
+// threads (one per onnxruntime session, model.cc) batch compatible requests, run them and
+// finish the calls. ModelStreamInfer submits every message to the batcher at once (at most
+// kStreamWindow unwritten per stream) and writes responses in completion order.
+// Also: grpc.health.v1 Health, server reflection, Prometheus text metrics (metrics.cc),
+// graceful drain on SIGTERM/SIGINT.
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpc/support/log.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cctype>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "metrics.h"
+#include "model.h"
+#include "util.h"
+
+namespace bnn {
+namespace {
+
+constexpr int kStreamWindow = 1024;  // messages of one stream read and not yet answered
+const char* kShuttingDown = "server is shutting down; retry on another replica";
+
+const char* code_name(StatusCode c) {
+  static const char* names[kCodes] = {
+      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  int i = int(c);
+  return i >= 0 && i < kCodes ? names[i] : "UNKNOWN";
+}
+
+struct Model {
+  std::string name, default_version, versions_list;
+  std::map<std::string, std::unique_ptr<ModelVersion>> versions;
+};
+
+class Core {
+ public:
+  std::map<std::string, Model> models;
+  std::vector<ModelVersion*> all;  // every served version, in plan order
+  pb::ServerMetadataResponse server_metadata;
+  VersionStats unknown;  // requests naming no served model version
+  std::atomic<bool> accepting{true};
+  std::atomic<int64_t> inflight{0};
+  std::mutex drain_mu;
+  std::condition_variable drain_cv;
+
+  bool enter() {
+    inflight.fetch_add(1);
+    if (!accepting.load()) {
+      leave();
+      return false;
+    }
+    return true;
+  }
+  void leave() {
+    if (inflight.fetch_sub(1) == 1 && !accepting.load()) {
+      std::lock_guard<std::mutex> g(drain_mu);
+      drain_cv.notify_all();
+    }
+  }
+
+  ModelVersion* find(const std::string& name, const std::string& version, Status* st) {
+    auto it = models.find(name);
+    if (it == models.end()) {
+      std::string avail;
+      for (auto& kv : models) avail += (avail.empty() ? "" : ", ") + kv.first;
+      *st = Status(StatusCode::NOT_FOUND, "unknown model '" + name + "'; available models: " +
+                                              (avail.empty() ? "none" : avail));
+      return nullptr;
+    }
+    Model& m = it->second;
+    auto v = m.versions.find(version.empty() ? m.default_version : version);
+    if (v == m.versions.end()) {
+      *st = Status(StatusCode::NOT_FOUND, "model '" + name + "' has no version '" + version +
+                                              "'; versions: " + m.versions_list);
+      return nullptr;
+    }
+    return v->second.get();
+  }
+  ModelVersion* find_quiet(const pb::ModelInferRequest& r) {
+    Status st;
+    return find(r.model_name(), r.model_version(), &st);
+  }
+
+  // Counts one request's outcome, once (ModelStatistics and /metrics).
+  void account(const Pending* p, StatusCode code) {
+    const int64_t dur = now_ns() - p->t_start;
+    VersionStats& s = p->mv ? p->mv->stats() : unknown;
+    std::lock_guard<std::mutex> g(s.mu);
+    s.request_s.observe(double(dur) * 1e-9);
+    if (p->dequeued) s.queue_s.observe(double(p->queue_ns) * 1e-9);
+    if (code == StatusCode::OK) {
+      s.success++;
+      s.success_ns += dur;
+      s.queue_ns += p->queue_ns;
+      s.cin_ns += p->cin_ns;
+      s.cinfer_ns += p->cinfer_ns;
+      s.cout_ns += p->cout_ns;
+    } else {
+      s.failure[int(code) < kCodes ? int(code) : 2]++;
+      s.fail_count++;
+      s.fail_ns += dur;
+    }
+  }
+
+  // Resolves, validates and queues p. On error p was not queued: the caller calls p->done(st).
+  Status submit(Pending* p) {
+    Status st;
+    ModelVersion* mv = find(p->req->model_name(), p->req->model_version(), &st);
+    if (!mv) return st;
+    p->mv = mv;
+    st = mv->validate(p);
+    if (!st.ok()) return st;
+    return mv->enqueue(p);
+  }
+
+  void fill_stats(ModelVersion* mv, pb::ModelStatistics* m) {
+    VersionStats& s = mv->stats();
+    std::lock_guard<std::mutex> g(s.mu);
+    m->set_name(mv->name());
+    m->set_version(mv->version());
+    m->set_last_inference(s.last_ms);
+    m->set_inference_count(s.inference_count);
+    m->set_execution_count(s.execution_count);
+    auto* is = m->mutable_inference_stats();
+    auto set = [](pb::StatisticDuration* d, uint64_t c, uint64_t ns) {
+      d->set_count(c);
+      d->set_ns(ns);
+    };
+    set(is->mutable_success(), s.success, s.success_ns);
+    set(is->mutable_fail(), s.fail_count, s.fail_ns);
+    set(is->mutable_queue(), s.success, s.queue_ns);
+    set(is->mutable_compute_input(), s.success, s.cin_ns);
+    set(is->mutable_compute_infer(), s.success, s.cinfer_ns);
+    set(is->mutable_compute_output(), s.success, s.cout_ns);
+  }
+};
+
+Core* g_core = nullptr;
+
+// ---------------------------------------------------------------------------------------------
+// ModelInfer (unary).
+
+struct UnaryPending final : Pending {
+  grpc::ServerUnaryReactor* reactor = nullptr;
+  void done(const Status& st) override {
+    g_core->account(this, st.error_code());
+    reactor->Finish(st);
+    g_core->leave();
+    delete this;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// ModelStreamInfer.
+
+class StreamCall;
+
+struct StreamPending final : Pending {
+  StreamCall* call = nullptr;
+  bool accepted = false;  // entered the server's in-flight count
+  pb::ModelInferRequest own;
+  pb::ModelStreamInferResponse out;
+  StreamPending() {
+    req = &own;
+    resp = out.mutable_infer_response();
+  }
+  void done(const Status& st) override;
+};
+
+class StreamCall final
+    : public grpc::ServerBidiReactor<pb::ModelInferRequest, pb::ModelStreamInferResponse> {
+ public:
+  explicit StreamCall(grpc::CallbackServerContext* ctx) : ctx_(ctx) {
+    next_ = new StreamPending();
+    StartRead(&next_->own);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // client half-closed, or the call broke
+      std::lock_guard<std::mutex> g(mu_);
+      delete next_;
+      next_ = nullptr;
+      reads_done_ = true;
+      maybe_finish_locked();
+      return;
+    }
+    StreamPending* p = next_;
+    next_ = nullptr;
+    p->call = this;
+    p->ctx = ctx_;
+    p->t_start = now_ns();
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      window_++;
+    }
+    if (!g_core->enter()) {
+      p->mv = g_core->find_quiet(p->own);
+      p->done(Status(StatusCode::UNAVAILABLE, kShuttingDown));
+    } else {
+      p->accepted = true;
+      Status st = g_core->submit(p);
+      if (!st.ok()) p->done(st);
+    }
+    std::lock_guard<std::mutex> g(mu_);
+    if (window_ < kStreamWindow) {
+      next_ = new StreamPending();
+      StartRead(&next_->own);
+    } else {
+      paused_ = true;  // flow control: resumed when a response is written
+    }
+  }
+
+  // A finished message (from a worker or a handler): write it, in completion order.
+  void deliver(StreamPending* p) {
+    std::lock_guard<std::mutex> g(mu_);
+    if (broken_) {
+      retire_locked(p);
+      maybe_finish_locked();
+      return;
+    }
+    outq_.push_back(p);
+    if (!writing_) {
+      writing_ = true;
+      StartWrite(&outq_.front()->out);
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> g(mu_);
+    StreamPending* p = outq_.front();
+    outq_.pop_front();
+    retire_locked(p);
+    if (!ok) {  // the client is gone: drop what is left (its requests were answered as far as we can)
+      broken_ = true;
+      while (!outq_.empty()) {
+        retire_locked(outq_.front());
+        outq_.pop_front();
+      }
+    }
+    if (!outq_.empty()) {
+      StartWrite(&outq_.front()->out);
+    } else {
+      writing_ = false;
+    }
+    maybe_finish_locked();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void retire_locked(StreamPending* p) {
+    if (p->accepted) g_core->leave();
+    delete p;
+    window_--;
+    if (paused_ && window_ < kStreamWindow && !reads_done_) {
+      paused_ = false;
+      next_ = new StreamPending();
+      StartRead(&next_->own);
+    }
+  }
+  void maybe_finish_locked() {
+    if (reads_done_ && window_ == 0 && !writing_ && !finished_) {
+      finished_ = true;
+      Finish(Status::OK);
+    }
+  }
+
+  grpc::CallbackServerContext* ctx_;
+  std::mutex mu_;
+  StreamPending* next_ = nullptr;  // the message being read
+  std::deque<StreamPending*> outq_;  // front: being written
+  int window_ = 0;  // messages read and not yet written or dropped
+  bool writing_ = false, reads_done_ = false, finished_ = false, paused_ = false, broken_ = false;
+};
+
+void StreamPending::done(const Status& st) {
+  g_core->account(this, st.error_code());
+  if (!st.ok()) {
+    std::string id = own.id(), model = own.model_name(), version = own.model_version();
+    out.Clear();
+    out.set_error_message(std::string("[") + code_name(st.error_code()) + "] " + st.error_message());
+    auto* r = out.mutable_infer_response();
+    r->set_id(id);
+    r->set_model_name(model);
+    r->set_model_version(version);
+  }
+  call->deliver(this);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The service.
+
+class Service final : public pb::GRPCInferenceService::CallbackService {
+ public:
+  explicit Service(Core* c) : core_(c) {}
+
+#define UNARY(METHOD, REQ, RESP)                                                           \
+  grpc::ServerUnaryReactor* METHOD(grpc::CallbackServerContext* ctx, const pb::REQ* req,   \
+                                   pb::RESP* resp) override {                              \
+    auto* r = ctx->DefaultReactor();                                                       \
+    r->Finish(do_##METHOD(*req, resp));                                                    \
+    return r;                                                                              \
+  }
+  UNARY(ServerLive, ServerLiveRequest, ServerLiveResponse)
+  UNARY(ServerReady, ServerReadyRequest, ServerReadyResponse)
+  UNARY(ModelReady, ModelReadyRequest, ModelReadyResponse)
+  UNARY(ServerMetadata, ServerMetadataRequest, ServerMetadataResponse)
+  UNARY(ModelMetadata, ModelMetadataRequest, ModelMetadataResponse)
+  UNARY(ModelConfig, ModelConfigRequest, ModelConfigResponse)
+  UNARY(ModelStatistics, ModelStatisticsRequest, ModelStatisticsResponse)
+  UNARY(RepositoryIndex, RepositoryIndexRequest, RepositoryIndexResponse)
+  UNARY(RepositoryModelLoad, RepositoryModelLoadRequest, RepositoryModelLoadResponse)
+  UNARY(RepositoryModelUnload, RepositoryModelUnloadRequest, RepositoryModelUnloadResponse)
+#undef UNARY
+
+  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx,
+                                       const pb::ModelInferRequest* req,
+                                       pb::ModelInferResponse* resp) override {
+    auto* p = new UnaryPending();
+    p->t_start = now_ns();
+    p->reactor = ctx->DefaultReactor();
+    p->req = req;
+    p->resp = resp;
+    p->ctx = ctx;
+    auto* r = p->reactor;
+    if (!core_->enter()) {
+      p->mv = core_->find_quiet(*req);
+      core_->account(p, StatusCode::UNAVAILABLE);
+      delete p;
+      r->Finish(Status(StatusCode::UNAVAILABLE, kShuttingDown));
+      return r;
+    }
+    Status st = core_->submit(p);
+    if (!st.ok()) p->done(st);  // p may be gone once queued: do not touch it after submit
+    return r;
+  }
+
+  grpc::ServerBidiReactor<pb::ModelInferRequest, pb::ModelStreamInferResponse>* ModelStreamInfer(
+      grpc::CallbackServerContext* ctx) override {
+    return new StreamCall(ctx);
+  }
+
+ private:
+  bool draining() const { return !core_->accepting.load(); }
+  static Status shutting_down() { return Status(StatusCode::UNAVAILABLE, kShuttingDown); }
+
+  Status do_ServerLive(const pb::ServerLiveRequest&, pb::ServerLiveResponse* o) {
+    o->set_live(true);
+    return Status::OK;
+  }
+  Status do_ServerReady(const pb::ServerReadyRequest&, pb::ServerReadyResponse* o) {
+    o->set_ready(!draining() && !core_->all.empty());
+    return Status::OK;
+  }
+  Status do_ModelReady(const pb::ModelReadyRequest& r, pb::ModelReadyResponse* o) {
+    Status st;
+    o->set_ready(!draining() && core_->find(r.name(), r.version(), &st) != nullptr);
+    return Status::OK;
+  }
+  Status do_ServerMetadata(const pb::ServerMetadataRequest&, pb::ServerMetadataResponse* o) {
+    if (draining()) return shutting_down();
+    *o = core_->server_metadata;
+    return Status::OK;
+  }
+  Status do_ModelMetadata(const pb::ModelMetadataRequest& r, pb::ModelMetadataResponse* o) {
+    if (draining()) return shutting_down();
+    Status st;
+    ModelVersion* mv = core_->find(r.name(), r.version(), &st);
+    if (!mv) return st;
+    *o = mv->metadata;
+    return Status::OK;
+  }
+  Status do_ModelConfig(const pb::ModelConfigRequest& r, pb::ModelConfigResponse* o) {
+    if (draining()) return shutting_down();
+    Status st;
+    ModelVersion* mv = core_->find(r.name(), r.version(), &st);
+    if (!mv) return st;
+    *o = mv->config;
+    return Status::OK;
+  }
+  Status do_ModelStatistics(const pb::ModelStatisticsRequest& r, pb::ModelStatisticsResponse* o) {
+    if (draining()) return shutting_down();
+    if (r.name().empty()) {
+      for (ModelVersion* mv : core_->all) core_->fill_stats(mv, o->add_model_stats());
+      return Status::OK;
+    }
+    Status st;
+    ModelVersion* mv = core_->find(r.name(), r.version(), &st);
+    if (!mv) return st;
+    if (!r.version().empty()) {
+      core_->fill_stats(mv, o->add_model_stats());
+    } else {
+      for (auto& kv : core_->models[r.name()].versions) core_->fill_stats(kv.second.get(), o->add_model_stats());
+    }
+    return Status::OK;
+  }
+  Status do_RepositoryIndex(const pb::RepositoryIndexRequest&, pb::RepositoryIndexResponse* o) {
+    if (draining()) return shutting_down();
+    for (ModelVersion* mv : core_->all) {
+      auto* m = o->add_models();
+      m->set_name(mv->name());
+      m->set_version(mv->version());
+      m->set_state("READY");
+    }
+    return Status::OK;
+  }
+  static Status no_repository_control() {
+    return Status(StatusCode::FAILED_PRECONDITION,
+                  "repository control is not available with --frontend native; restart the "
+                  "server to change models");
+  }
+  Status do_RepositoryModelLoad(const pb::RepositoryModelLoadRequest&, pb::RepositoryModelLoadResponse*) {
+    if (draining()) return shutting_down();
+    return no_repository_control();
+  }
+  Status do_RepositoryModelUnload(const pb::RepositoryModelUnloadRequest&,
+                                  pb::RepositoryModelUnloadResponse*) {
+    if (draining()) return shutting_down();
+    return no_repository_control();
+  }
+
+  Core* core_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Start-up.
+
+// gRPC's own log lines, flattened to one line each through logf (errors and warnings; more
+// with log_level DEBUG). Silent while the server starts: a failure there gets our own line.
+std::atomic<bool> g_grpc_quiet{true};
+void grpc_log(gpr_log_func_args* a) {
+  if (g_grpc_quiet.load(std::memory_order_relaxed)) return;
+  int level = a->severity == GPR_LOG_SEVERITY_ERROR ? kError
+              : a->severity == GPR_LOG_SEVERITY_INFO ? kInfo : kDebug;
+  if (level < kError && g_log_level > kDebug) return;
+  std::string m = a->message ? a->message : "";
+  for (char& c : m)
+    if (c == '\n' || c == '\r') c = ' ';
+  logf(level, "grpc: %s", m.c_str());
+}
+
+[[noreturn]] void die(const std::string& msg) {
+  logf(kError, "%s", msg.c_str());
+  std::fflush(stderr);
+  _exit(2);
+}
+
+std::string host_port(const std::string& host, int port) {
+  bool v6 = host.find(':') != std::string::npos && host.front() != '[';
+  return (v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
+}
+
+template <class M>
+void parse_pb(const nlohmann::json& j, const char* key, M* out, const std::string& what) {
+  if (!j.contains(key)) return;  // optional: an empty message
+  std::string raw;
+  if (!base64_decode(j.at(key).get<std::string>(), &raw) || !out->ParseFromString(raw))
+    die("bad plan: " + what + ": " + key + " is not a base64 serialized " + out->GetTypeName());
+}
+
+struct Plan {
+  std::string host = "127.0.0.1", metrics_host = "127.0.0.1", log_level = "INFO";
+  int port = 0, metrics_port = -1;
+  double grace_s = 10.0;
+  int64_t max_message_bytes = 64 << 20;
+  std::vector<double> latency_buckets, size_buckets;
+};
+
+}  // namespace
+}  // namespace bnn
+
+int main(int argc, char** argv) {
+  using namespace bnn;
+  const int64_t t_start = now_ns();
+  std::string plan_path;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--plan" && i + 1 < argc) plan_path = argv[++i];
+    else die("usage: bnserve_native --plan PLAN.json");
+  }
+  if (plan_path.empty()) die("usage: bnserve_native --plan PLAN.json");
+
+  // SIGINT/SIGTERM blocked in every thread; main waits for them with sigwait.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  static Core core;
+  g_core = &core;
+  static Plan plan;
+  nlohmann::json j;
+  {
+    std::ifstream f(plan_path);
+    if (!f) die("cannot read plan " + plan_path);
+    try {
+      j = nlohmann::json::parse(f);
+    } catch (const std::exception& e) {
+      die("bad plan " + plan_path + ": " + e.what());
+    }
+  }
+  static Ort::Env* env = nullptr;
+  try {
+    plan.host = j.value("host", plan.host);
+    plan.port = j.value("port", 0);
+    plan.metrics_host = j.value("metrics_host", plan.metrics_host);
+    plan.metrics_port = j.value("metrics_port", -1);
+    plan.grace_s = j.value("grace_s", 10.0);
+    plan.max_message_bytes = j.value("max_message_bytes", plan.max_message_bytes);
+    plan.log_level = j.value("log_level", plan.log_level);
+    for (char& c : plan.log_level) c = char(std::toupper((unsigned char)c));
+    if (plan.log_level == "DEBUG") g_log_level = kDebug;
+    else if (plan.log_level == "WARNING") g_log_level = kWarning;
+    else if (plan.log_level == "ERROR" || plan.log_level == "CRITICAL") g_log_level = kError;
+    plan.latency_buckets = j.value("latency_buckets", std::vector<double>{
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10});
+    plan.size_buckets = j.value("batch_size_buckets", std::vector<double>{1, 2, 4, 8, 16, 32, 64, 128, 256});
+    std::sort(plan.latency_buckets.begin(), plan.latency_buckets.end());
+    std::sort(plan.size_buckets.begin(), plan.size_buckets.end());
+    core.unknown.model = "<unknown>";
+    core.unknown.init(&plan.latency_buckets, &plan.size_buckets);
+    parse_pb(j, "server_metadata_pb", &core.server_metadata, "server");
+    env = new Ort::Env(ORT_LOGGING_LEVEL_WARNING, "bnserve_native");
+    for (const auto& jm : j.at("models")) {
+      Model m;
+      m.name = jm.at("name").get<std::string>();
+      m.default_version = jm.value("default_version", std::string());
+      for (const auto& jv : jm.at("versions")) {
+        VersionPlan vp;
+        vp.name = m.name;
+        vp.version = jv.at("version").get<std::string>();
+        vp.path = jv.at("path").get<std::string>();
+        vp.instances = jv.value("instances", 1);
+        vp.max_batch_size = jv.value("max_batch_size", int64_t(0));
+        vp.max_queue_size = jv.value("max_queue_size", int64_t(1024));
+        auto mc = jv.find("max_combined_batch_size");
+        vp.max_combined = (mc != jv.end() && !mc->is_null()) ? mc->get<int64_t>() : vp.max_batch_size;
+        vp.delay_us = jv.value("max_queue_delay_us", int64_t(0));
+        auto pref = jv.find("preferred_batch_sizes");
+        if (pref != jv.end() && !pref->is_null()) vp.preferred = pref->get<std::vector<int64_t>>();
+        std::unique_ptr<ModelVersion> mv;
+        try {
+          mv = std::make_unique<ModelVersion>(*env, vp, &plan.latency_buckets, &plan.size_buckets);
+        } catch (const std::exception& e) {
+          die("model load failed: " + vp.name + " version " + vp.version + " (" + vp.path + "): " + e.what());
+        }
+        parse_pb(jv, "metadata_pb", &mv->metadata, vp.name + " version " + vp.version);
+        parse_pb(jv, "config_pb", &mv->config, vp.name + " version " + vp.version);
+        m.versions_list += (m.versions_list.empty() ? "" : ", ") + vp.version;
+        core.all.push_back(mv.get());
+        m.versions[vp.version] = std::move(mv);
+      }
+      const bool pick = m.default_version.empty();
+      for (auto& kv : m.versions)  // no default given: the highest version (numerically)
+        if (pick && (m.default_version.empty() ||
+            std::make_pair(kv.first.size(), kv.first) >
+                std::make_pair(m.default_version.size(), m.default_version)))
+          m.default_version = kv.first;
+      if (!m.versions.count(m.default_version))
+        die("bad plan: model " + m.name + ": default_version '" + m.default_version + "' is not among its versions");
+      std::string name = m.name;
+      core.models.emplace(name, std::move(m));
+    }
+  } catch (const nlohmann::json::exception& e) {
+    die(std::string("bad plan ") + plan_path + ": " + e.what());
+  }
+  if (core.all.empty()) die("bad plan " + plan_path + ": no model versions to serve");
+
+  // Metrics endpoint first (a bind failure must not leave a half-started gRPC server).
+  MetricsServer metrics(&core.all, &core.unknown, &core.inflight, &core.accepting);
+  std::string metrics_desc = "off";
+  if (plan.metrics_port >= 0) {
+    std::string err;
+    int mport = metrics.start(plan.metrics_host, plan.metrics_port, &err);
+    if (mport < 0) die("cannot serve metrics on " + host_port(plan.metrics_host, plan.metrics_port) + ": " + err);
+    metrics_desc = host_port(plan.metrics_host, mport);
+  }
+
+  for (ModelVersion* mv : core.all) mv->start();
+
+  gpr_set_log_function(grpc_log);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  Service service(&core);
+  grpc::ServerBuilder b;
+  int bound = 0;
+  b.AddListeningPort(host_port(plan.host, plan.port), grpc::InsecureServerCredentials(), &bound);
+  b.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a port in use is an error, not shared
+  int maxmsg = int(std::min<int64_t>(plan.max_message_bytes, INT32_MAX));
+  b.SetMaxReceiveMessageSize(maxmsg);
+  b.SetMaxSendMessageSize(maxmsg);
+  b.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = b.BuildAndStart();
+  if (!server || bound == 0) die("cannot listen on " + host_port(plan.host, plan.port) + " (port in use?)");
+
+  g_grpc_quiet.store(false);
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  std::string names;
+  if (health) {
+    health->SetServingStatus("", true);
+    health->SetServingStatus("inference.GRPCInferenceService", true);
+  }
+  for (auto& kv : core.models) {
+    if (health) health->SetServingStatus(kv.first, true);
+    names += (names.empty() ? "" : ", ") + kv.first;
+  }
+  logf(kInfo, "serving %s on %s (native, plaintext; metrics %s) in %.2f s", names.c_str(),
+       host_port(plan.host, bound).c_str(), metrics_desc.c_str(), double(now_ns() - t_start) * 1e-9);
+
+  int sig = 0;
+  sigwait(&sigs, &sig);
+
+  // Drain: refuse new work, let everything accepted finish, then stop.
+  const auto drain_deadline = std::chrono::system_clock::now() +
+                              std::chrono::microseconds(int64_t(plan.grace_s * 1e6));
+  core.accepting.store(false);
+  if (health) health->Shutdown();  // every service NOT_SERVING
+  logf(kInfo, "draining: %lld request(s) in flight, grace %g s",
+       (long long)core.inflight.load(), plan.grace_s);
+  int64_t unanswered = 0;
+  {
+    std::unique_lock<std::mutex> lk(core.drain_mu);
+    core.drain_cv.wait_until(lk, drain_deadline, [] { return g_core->inflight.load() <= 0; });
+    unanswered = core.inflight.load();
+  }
+  if (unanswered > 0) {
+    Status st(StatusCode::UNAVAILABLE, "server shut down before the request ran (drain grace ran out)");
+    for (ModelVersion* mv : core.all) mv->abort_queued(st);
+  }
+  server->Shutdown(unanswered > 0 ? std::chrono::system_clock::now() : drain_deadline);
+  server->Wait();
+  for (ModelVersion* mv : core.all) mv->stop();
+  metrics.stop();
+  if (unanswered > 0) {
+    logf(kError, "grace of %g s ran out: %lld request(s) in flight were cancelled unanswered",
+         plan.grace_s, (long long)unanswered);
+    std::fflush(stderr);
+    _exit(1);
+  }
+  logf(kInfo, "stopped cleanly: every accepted request was answered");
+  std::fflush(stderr);
+  _exit(0);
+}

@@ -1,0 +1,548 @@
+"""`bnserve serve --frontend native`: the C++ front end (server/native/), end to end.
+
+Each server here is a real `bnserve serve --frontend native` child: Python gates the bundled
+models, then execs build/native/bnserve_native (built by `make native`, which `make test` runs
+first) on 127.0.0.1, an ephemeral port. Clients are tritonclient and our own stub; reference
+answers come from onnxruntime in-process on the same files with the frozen settings.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bnserve.proto import inference_pb2 as pb
+from bnserve.proto import inference_pb2_grpc as pb_grpc
+from bnserve.server import native_frontend as native
+from bnserve.server.app import serve_in_thread
+from bnserve.server.config import Settings
+from bnserve.server.model import SessionPool
+from bnserve.server.process import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED = ROOT / "model_repository"
+_METRICS = re.compile(r"metrics [^ ]+:(\d+)\)")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _binary() -> Path:
+    try:
+        return native.binary()
+    except native.NativeUnavailableError as exc:  # make test builds it: missing is a failure
+        pytest.fail(str(exc))
+
+
+class NativeServer(ServerProcess):
+    """ServerProcess with --frontend native and a metrics endpoint on an ephemeral port."""
+
+    def __init__(self, repo: Path, *extra: str) -> None:
+        _binary()
+        super().__init__(repo, "--frontend", "native", "--metrics-port", "0", *extra)
+        line = next(x for x in self.log if " serving " in x)
+        m = _METRICS.search(line)
+        assert m, f"no metrics port in {line!r}"
+        self.metrics_port = int(m.group(1))
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return str(r.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample's value from the text exposition (0 when absent)."""
+        for line in self.metrics().splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            head, value = line.rsplit(" ", 1)
+            found = dict(re.findall(r'(\w+)="([^"]*)"', head))
+            if head.split("{")[0] == name and all(found.get(k) == v for k, v in labels.items()):
+                return float(value)
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[NativeServer]:
+    s = NativeServer(BUNDLED, "--instances", "2", "--grace", "10")
+    try:
+        yield s
+    finally:
+        assert s.stop(60) == 0, "".join(s.log[-20:])
+
+
+@pytest.fixture(scope="module")
+def stub(server: NativeServer) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def digits_x() -> np.ndarray:
+    from bnserve.training.data import digits
+
+    return digits().x_test  # (450, 1, 8, 8) float32
+
+
+@pytest.fixture(scope="module")
+def pools() -> Iterator[dict[str, SessionPool]]:
+    made = {
+        m: SessionPool(str(BUNDLED / m / "1" / "model.onnx"), instances=1)
+        for m in ("digits", "vol3d")
+    }
+    yield made
+    for p in made.values():
+        p.close()
+
+
+def _request(
+    x: np.ndarray,
+    *,
+    model: str = "digits",
+    name: str = "input",
+    rid: str = "",
+    shape: list[int] | None = None,
+    datatype: str = "FP32",
+) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model, id=rid)
+    req.inputs.add(name=name, datatype=datatype, shape=list(x.shape) if shape is None else shape)
+    req.raw_input_contents.append(np.ascontiguousarray(x).tobytes())
+    return req
+
+
+def _out(resp: pb.ModelInferResponse) -> np.ndarray:
+    o = resp.outputs[0]
+    return np.frombuffer(resp.raw_output_contents[0], dtype=np.float32).reshape(list(o.shape))
+
+
+def _vol3d_rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 1, 32, 32, 32), dtype=np.float32)
+
+
+# --- the process ------------------------------------------------------------------------------
+
+
+def test_python_hands_the_process_to_the_native_binary(server: NativeServer) -> None:
+    """Same PID, now running bnserve_native; both models loaded within the memory target."""
+    exe = Path(os.readlink(f"/proc/{server.proc.pid}/exe"))
+    assert exe.name == "bnserve_native"
+    rss_kb = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
+    assert rss_kb < 200 * 1024, f"RSS {rss_kb / 1024:.0f} MiB with both models"
+    assert any("gates passed for digits, vol3d" in line for line in server.log)
+
+
+def test_unsupported_settings_are_refused_before_anything_loads() -> None:
+    for flags, what in (
+        (["--poll", "5"], "--poll"),
+        (["--tls-cert", "c.pem", "--tls-key", "k.pem"], "--tls-"),
+        (["--drift-sample-rate", "0.1"], "--drift-sample-rate"),
+        (["--workers", "2"], "--workers"),
+    ):
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bnserve.cli",
+                "serve",
+                "--repo",
+                str(BUNDLED),
+                "--frontend",
+                "native",
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 2, r.stderr
+        assert "--frontend native does not support" in r.stderr and what in r.stderr
+
+
+# --- answers -----------------------------------------------------------------------------------
+
+
+def test_tritonclient_unary_and_stream_equal_in_process(
+    server: NativeServer, digits_x: np.ndarray, pools: dict[str, SessionPool]
+) -> None:
+    client = tc.InferenceServerClient(server.target)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("digits") and client.is_model_ready("vol3d")
+    x = digits_x[:7]
+    inp = tc.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("digits", [inp], request_id="abc")
+    assert (
+        result.as_numpy("logits").tobytes() == pools["digits"].run({"input": x})["logits"].tobytes()
+    )
+    assert result.get_response().id == "abc"
+
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    n = 60
+    for i in range(n):
+        xi = digits_x[i : i + 1 + i % 3]
+        inp = tc.InferInput("input", list(xi.shape), "FP32")
+        inp.set_data_from_numpy(xi)
+        client.async_stream_infer("digits", [inp], request_id=str(i))
+    client.stop_stream()
+    seen = {}
+    while not answers.empty():
+        result, error = answers.get_nowait()
+        assert error is None
+        seen[result.get_response().id] = result.as_numpy("logits")
+    assert sorted(seen, key=int) == [str(i) for i in range(n)]
+    for i in range(n):
+        xi = digits_x[i : i + 1 + i % 3]
+        assert seen[str(i)].tobytes() == pools["digits"].run({"input": xi})["logits"].tobytes()
+    client.close()
+
+
+def test_vol3d_unary_and_stream_equal_in_process(stub, pools: dict[str, SessionPool]) -> None:
+    x = _vol3d_rows(3)
+    want = pools["vol3d"].run({"input": x})
+    name = next(iter(want))
+    resp = stub.ModelInfer(_request(x, model="vol3d", rid="v"), timeout=60)
+    assert resp.outputs[0].name == name and _out(resp).tobytes() == want[name].tobytes()
+    reqs = [_request(x[i : i + 1], model="vol3d", rid=str(i)) for i in range(3)]
+    got = {
+        r.infer_response.id: _out(r.infer_response)
+        for r in stub.ModelStreamInfer(iter(reqs), timeout=60)
+    }
+    for i in range(3):
+        assert got[str(i)].tobytes() == pools["vol3d"].run({"input": x[i : i + 1]})[name].tobytes()
+
+
+def test_metadata_and_config_are_the_python_front_ends_bytes(stub) -> None:
+    settings = Settings(
+        repo=BUNDLED, host="127.0.0.1", port=0, metrics_port=-1, instances=2, grace=2
+    )
+    with serve_in_thread(settings) as app, grpc.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        py = pb_grpc.GRPCInferenceServiceStub(ch)
+        assert stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10) == py.ServerMetadata(
+            pb.ServerMetadataRequest(), timeout=10
+        )
+        for name in ("digits", "vol3d"):
+            for version in ("", "1"):
+                assert stub.ModelMetadata(
+                    pb.ModelMetadataRequest(name=name, version=version), timeout=10
+                ) == py.ModelMetadata(
+                    pb.ModelMetadataRequest(name=name, version=version), timeout=10
+                )
+                assert stub.ModelConfig(
+                    pb.ModelConfigRequest(name=name, version=version), timeout=10
+                ) == py.ModelConfig(pb.ModelConfigRequest(name=name, version=version), timeout=10)
+
+
+def test_concurrent_mixed_requests_are_batched_and_get_exactly_their_rows(
+    server: NativeServer, stub, digits_x: np.ndarray, pools: dict[str, SessionPool]
+) -> None:
+    stats0 = stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits"), timeout=10).model_stats[
+        0
+    ]
+    rng = np.random.default_rng(1)
+    n = 600
+    sizes = rng.integers(1, 9, size=n)
+    starts = rng.integers(0, len(digits_x) - 8, size=n)
+
+    def call(i: int) -> tuple[int, bytes]:
+        x = digits_x[starts[i] : starts[i] + sizes[i]]
+        resp = stub.ModelInfer(_request(x, rid=f"r{i}"), timeout=60)
+        assert resp.id == f"r{i}"
+        return i, _out(resp).tobytes()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as ex:
+        results = dict(ex.map(call, range(n)))
+    for i, got in results.items():
+        x = digits_x[starts[i] : starts[i] + sizes[i]]
+        assert got == pools["digits"].run({"input": x})["logits"].tobytes(), f"request {i}"
+    stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits"), timeout=10).model_stats[
+        0
+    ]
+    ok = stats.inference_stats.success.count - stats0.inference_stats.success.count
+    rows = stats.inference_count - stats0.inference_count
+    runs = stats.execution_count - stats0.execution_count
+    assert ok == n and rows == int(sizes.sum())
+    assert runs < n, "concurrent requests were merged into shared runs"
+    for part in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert getattr(stats.inference_stats, part).count == stats.inference_stats.success.count
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+BAD = [
+    (
+        "wrong shape",
+        lambda x: _request(x, shape=[1, 1, 8, 7]),
+        "INVALID_ARGUMENT",
+        ["'input'", "[-1, 1, 8, 8]", "[1, 1, 8, 7]"],
+    ),
+    (
+        "wrong datatype",
+        lambda x: _request(x, datatype="FP64"),
+        "INVALID_ARGUMENT",
+        ["FP32", "FP64"],
+    ),
+    (
+        "unknown input",
+        lambda x: _request(x, name="pixels"),
+        "INVALID_ARGUMENT",
+        ["'pixels'", "'input'"],
+    ),
+    ("unknown model", lambda x: _request(x, model="nope"), "NOT_FOUND", ["'nope'"]),
+    ("byte count", lambda x: _request(x, shape=[2, 1, 8, 8]), "INVALID_ARGUMENT", ["bytes"]),
+    (
+        "batch too big",
+        lambda x: _request(np.zeros((65, 1, 8, 8), np.float32)),
+        "INVALID_ARGUMENT",
+        ["65", "64"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "make", "code", "says"), BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_a_status_that_says_what_was_wrong(
+    server: NativeServer, stub, digits_x: np.ndarray, what, make, code: str, says: list[str]
+) -> None:
+    failures0 = server.metric("bnserve_request_failure_total", code=code)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(make(digits_x[:1]), timeout=10)
+    assert err.value.code().name == code
+    for fragment in says:
+        assert fragment in err.value.details(), err.value.details()
+    assert server.metric("bnserve_request_failure_total", code=code) == failures0 + 1
+    # and the server keeps serving
+    assert _out(stub.ModelInfer(_request(digits_x[:2]), timeout=10)).shape == (2, 10)
+
+
+def test_stream_bad_request_in_band_and_stream_goes_on(stub, digits_x: np.ndarray) -> None:
+    reqs = [
+        _request(digits_x[:1], rid="0"),
+        _request(digits_x[:1], rid="1", name="wrong"),
+        _request(digits_x[:1], rid="2", model="nope"),
+        _request(digits_x[:2], rid="3"),
+    ]
+    answers = {r.infer_response.id: r for r in stub.ModelStreamInfer(iter(reqs), timeout=30)}
+    assert sorted(answers) == ["0", "1", "2", "3"]
+    assert answers["0"].error_message == "" and answers["3"].error_message == ""
+    assert (
+        answers["1"].error_message.startswith("[INVALID_ARGUMENT]")
+        and "'wrong'" in answers["1"].error_message
+    )
+    assert (
+        answers["2"].error_message.startswith("[NOT_FOUND]")
+        and "nope" in answers["2"].error_message
+    )
+    assert _out(answers["3"].infer_response).shape == (2, 10)
+
+
+def test_repository_control_is_refused_with_the_reason(stub) -> None:
+    index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
+    assert {(m.name, m.state) for m in index.models} >= {("digits", "READY"), ("vol3d", "READY")}
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="digits"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--frontend native" in err.value.details()
+
+
+# --- health and metrics ------------------------------------------------------------------------
+
+
+def test_health_and_metrics_count_what_was_sent(
+    server: NativeServer, stub, digits_x: np.ndarray
+) -> None:
+    with grpc.insecure_channel(server.target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "inference.GRPCInferenceService", "digits", "vol3d"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+    ok0 = server.metric("bnserve_request_success_total", model="digits", version="1")
+    rows0 = server.metric("bnserve_inference_count_total", model="digits", version="1")
+    for k in range(1, 6):
+        stub.ModelInfer(_request(digits_x[:k]), timeout=10)
+    assert server.metric("bnserve_request_success_total", model="digits", version="1") == ok0 + 5
+    assert server.metric("bnserve_inference_count_total", model="digits", version="1") == rows0 + 15
+    assert (
+        server.metric("bnserve_request_duration_seconds_count", model="digits", version="1")
+        >= ok0 + 5
+    )
+    assert server.metric("bnserve_model_ready", model="vol3d", version="1") == 1
+
+
+# --- overload and drain (each on its own server) -----------------------------------------------
+
+
+def _small_queue_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    shutil.copytree(BUNDLED / "vol3d", repo / "vol3d")
+    cfg_path = repo / "vol3d" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["batching"]["max_queue_size"] = 2
+    cfg_path.write_text(json.dumps(cfg))
+    return repo
+
+
+def test_a_full_queue_refuses_with_unavailable_and_loses_nothing(
+    tmp_path: Path, pools: dict[str, SessionPool]
+) -> None:
+    s = NativeServer(_small_queue_repo(tmp_path), "--instances", "1")
+    try:
+        x = _vol3d_rows(32, seed=3)
+        name = next(iter(pools["vol3d"].run({"input": x[:1]})))
+        with grpc.insecure_channel(s.target) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            futures = [
+                stub.ModelInfer.future(
+                    _request(x[i : i + 1], model="vol3d", rid=str(i)), timeout=60
+                )
+                for i in range(32)
+            ]
+            ok, refused = {}, 0
+            for i, f in enumerate(futures):
+                try:
+                    ok[i] = _out(f.result())
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                    assert "queue full" in exc.details()
+                    refused += 1
+        assert refused > 0 and len(ok) + refused == 32
+        for i, got in ok.items():
+            assert got.tobytes() == pools["vol3d"].run({"input": x[i : i + 1]})[name].tobytes()
+        assert (
+            s.metric(
+                "bnserve_request_failure_total", model="vol3d", version="1", code="UNAVAILABLE"
+            )
+            == refused
+        )
+        assert s.metric("bnserve_request_success_total", model="vol3d", version="1") == len(ok)
+    finally:
+        assert s.stop(60) == 0
+
+
+def _wait_inflight(s: NativeServer, n: int, timeout: float = 60.0) -> float:
+    """Poll the server's in-flight gauge until it reaches n (bounded); its last value."""
+    deadline = time.monotonic() + timeout
+    seen = s.metric("bnserve_inflight_requests")
+    while seen < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+        seen = s.metric("bnserve_inflight_requests")
+    return seen
+
+
+def test_sigterm_answers_every_accepted_request_then_exits_0(pools: dict[str, SessionPool]) -> None:
+    """48 requests of 8 vol3d rows (~0.7 s of work on 2 sessions); SIGTERM once 40 are in the
+    server. Every request is answered right or, if it never got in, refused with UNAVAILABLE;
+    all those in flight at the signal are answered; exit 0 after a clean drain."""
+    s = NativeServer(BUNDLED, "--instances", "2", "--grace", "30")
+    x = _vol3d_rows(48 * 8, seed=5)
+    name = next(iter(pools["vol3d"].run({"input": x[:1]})))
+    results: dict[int, object] = {}
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            futures = [
+                stub.ModelInfer.future(
+                    _request(x[8 * i : 8 * i + 8], model="vol3d", rid=str(i)), timeout=120
+                )
+                for i in range(48)
+            ]
+            inflight = _wait_inflight(s, 40)
+            assert inflight >= 40
+            s.proc.send_signal(signal.SIGTERM)
+            for i, f in enumerate(futures):
+                try:
+                    results[i] = _out(f.result())
+                except grpc.RpcError as exc:
+                    results[i] = exc
+            rc = s.proc.wait(60)
+    finally:
+        s.kill()
+    refused = {i: r for i, r in results.items() if isinstance(r, grpc.RpcError)}
+    assert all(r.code() == grpc.StatusCode.UNAVAILABLE for r in refused.values()), {
+        i: (r.code(), r.details()) for i, r in refused.items()
+    }
+    answered = {i: r for i, r in results.items() if isinstance(r, np.ndarray)}
+    assert len(answered) >= inflight
+    for i, got in answered.items():
+        want = pools["vol3d"].run({"input": x[8 * i : 8 * i + 8]})[name]
+        assert got.tobytes() == want.tobytes(), f"request {i}"
+    assert rc == 0, "".join(s.log[-20:])
+    log = "".join(s.log)
+    drained = re.search(r"draining: (\d+) request\(s\) in flight", log)
+    assert drained and int(drained.group(1)) >= 40, log[-2000:]
+    assert "stopped cleanly" in log
+
+
+def test_new_calls_during_the_drain_get_unavailable() -> None:
+    """24 requests of 16 vol3d rows on one session (~1.4 s of work): a call made once the
+    drain has begun is refused with UNAVAILABLE, saying why; the drained ones are answered."""
+    s = NativeServer(BUNDLED, "--instances", "1", "--grace", "30")
+    x = _vol3d_rows(16, seed=7)
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            futures = [
+                stub.ModelInfer.future(_request(x, model="vol3d"), timeout=120) for _ in range(24)
+            ]
+            assert _wait_inflight(s, 20) >= 20
+            s.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30  # until the drain has begun (its log line)
+            while not any("draining" in line for line in s.log) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(_request(x[:1], model="vol3d"), timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in err.value.details()
+            assert all(_out(f.result()).shape[0] == 16 for f in futures)
+        assert s.proc.wait(60) == 0
+    finally:
+        s.kill()
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [["--concurrency-range", "4"], ["--concurrency-range", "4", "--streaming"]],
+    ids=["unary", "streaming"],
+)
+def test_perf_analyzer_runs_against_the_native_front_end(
+    server: NativeServer, stub, tmp_path: Path, mode: list[str]
+) -> None:
+    """Triton's own load generator, unchanged (when its chroot is prepared: see
+    tests/bench/test_perf_analyzer.py, whose runner this reuses, for why it may skip)."""
+    sys.path.insert(0, str(ROOT / "tests" / "bench"))
+    try:
+        import test_perf_analyzer as tpa
+    finally:
+        sys.path.pop(0)
+    reason = tpa._not_ready_reason()
+    if reason:
+        pytest.skip(reason)
+
+    def fails() -> int:
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits"), timeout=10)
+        return sum(m.inference_stats.fail.count for m in stats.model_stats)
+
+    fails0 = fails()
+    row, out = tpa._perf_analyzer(server, tmp_path, "-m", "digits", *mode)
+    assert float(row["Inferences/Second"]) > 0 and int(row["p99 latency"]) > 0, row
+    assert "Server:" in out and "Successful request count" in out, out[-3000:]
+    assert fails() == fails0

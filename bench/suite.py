@@ -78,6 +78,8 @@ PA_SCRIPT = ROOT / "bench" / "perf_analyzer.sh"
 DRIFT_RATE = 0.01
 DRIFT_PAIRS = 5
 DRIFT_LIMIT_PCT = 3.0
+# The front ends measured (`bnserve serve --frontend F`); native only when it is built.
+DEFAULT_FRONTENDS = "python,native"
 ORT_MODELS = ("digits", "vol3d")
 ORT_BATCHES = (1, 4, 16, 64)
 ORT_SESSIONS = (1, 2)
@@ -451,6 +453,7 @@ def run_perf_analyzer(
     *,
     label: str | None = None,
     count: bool = True,
+    stability_pct: float = 25.0,
 ) -> PaRun:
     """One perf_analyzer profile (a few measurement windows of d.run_s / 4 each). Its server
     CPU a request is over every inference the server counted meanwhile (ModelStatistics);
@@ -475,7 +478,7 @@ def run_perf_analyzer(
         "--max-trials",
         "4",
         "--stability-percentage",
-        "25",
+        f"{stability_pct:g}",
         "-f",
         csv_path.name,
         *(["--streaming"] if mode == "stream" else []),
@@ -519,6 +522,92 @@ def run_perf_analyzer(
     except Exception as exc:  # one profile's failure is reported, not the end of the suite
         out.error = f"{type(exc).__name__}: {str(exc)[:200]}"
     return out
+
+
+# --- one front end: start, load runs, perf_analyzer -----------------------------------------
+
+
+@dataclass
+class FrontendResult:
+    """Everything measured against one server: `bnserve serve [--frontend native]`."""
+
+    frontend: str  # "python" or "native"
+    server: Server
+    runs: dict[str, ServerRun]
+    idle_pct: float
+    rss_end_kb: int
+    hwm_end_kb: int
+    pa_runs: list[PaRun] = field(default_factory=list)
+
+
+def measure_frontend(
+    frontend: str,
+    repo: Path,
+    instances: int | None,
+    d: Durations,
+    pa_skipped: str | None,
+    pa_stability_pct: float = 25.0,
+) -> FrontendResult:
+    """Start the server with `frontend`, drive every run in RUNS, then perf_analyzer's
+    PA_RUNS (when it can run here); the server is stopped (its log kept on failure)."""
+    log_path = _server_log()
+    _say(f"starting the server ({frontend} front end)")
+    extra = ["--frontend", frontend] if frontend != "python" else []
+    server = start_server(repo, log_path, instances, extra=extra)
+    runs: dict[str, ServerRun] = {}
+    pa_runs: list[PaRun] = []
+    try:
+        _say(f"ready in {server.ready_s:.2f} s, VmRSS {server.rss_ready_kb / 1024:.1f} MiB")
+        c0, t0 = proc_cpu_s(server.pid), time.perf_counter()
+        time.sleep(d.idle_s)
+        idle_pct = 100.0 * (proc_cpu_s(server.pid) - c0) / (time.perf_counter() - t0)
+        for model, mode, conc, batch in RUNS:
+            time.sleep(d.settle_s)
+            r = run_server_bench(server, model, mode, conc, batch, d)
+            runs[r.key] = r
+            lat = r.result["latency_ms"]
+            _say(
+                f"{frontend} {r.key}: {r.result['throughput_rps']:,.0f} req/s, p50 "
+                f"{_ms(lat['p50'])} p99 {_ms(lat['p99'])} ms, "
+                f"server CPU {r.server_cpu_ms_per_request:.4f} ms/req, errors {r.result['errors']}"
+            )
+        rss_end = proc_status_kb(server.pid, "VmRSS")
+        hwm_end = proc_status_kb(server.pid, "VmHWM")
+        if pa_skipped is None:
+            with tempfile.TemporaryDirectory(prefix="bnserve-pa-") as workdir:
+                for mode, conc in PA_RUNS:
+                    time.sleep(d.settle_s)
+                    label = mode if frontend == "python" else f"{mode}, --frontend {frontend}"
+                    pa = run_perf_analyzer(
+                        server,
+                        "digits",
+                        mode,
+                        conc,
+                        d,
+                        Path(workdir),
+                        label=label,
+                        stability_pct=pa_stability_pct,
+                    )
+                    pa_runs.append(pa)
+                    _say(
+                        f"perf_analyzer digits {pa.mode} c{conc}: {pa.throughput_rps} req/s, "
+                        f"p50 {_ms(pa.p50_ms)} ms, server CPU "
+                        f"{_ms(pa.server_cpu_ms_per_request, '{:.4f}')} ms/req {pa.error}"
+                    )
+    finally:
+        _stop_keeping_log(server, f"the server ({frontend} front end)")
+    return FrontendResult(frontend, server, runs, idle_pct, rss_end, hwm_end, pa_runs)
+
+
+def native_unavailable() -> str | None:
+    """Why the native front end cannot be measured here (None: it can)."""
+    from bnserve.server.native_frontend import NativeUnavailableError, binary
+
+    try:
+        binary()
+    except NativeUnavailableError as exc:
+        return str(exc)
+    return None
 
 
 # --- drift monitoring's cost ------------------------------------------------------------------
@@ -897,6 +986,29 @@ def _ms(v: float | None, fmt: str = "{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _runs_table(w: Any, runs: dict[str, ServerRun]) -> None:
+    w(
+        "| model | mode | c | req/s | samples/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms "
+        "| errors | server CPU ms/req | server CPU use | client CPU ms/req | other processes "
+        "| requests (+ warm-up) |"
+    )
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs.values():
+        lat = r.result["latency_ms"]
+        errs = r.result["errors"]
+        codes = ", ".join(f"{k} {v}" for k, v in r.result["errors_by_code"].items())
+        w(
+            f"| {r.model} | {r.mode} | {r.concurrency} | {r.result['throughput_rps']:,.0f} | "
+            f"{r.result['samples_per_s']:,.0f} | {_ms(lat['p50'])} | {_ms(lat['p90'])} | "
+            f"{_ms(lat['p99'])} | {_ms(lat['p999'])} | {_ms(lat['max'])} | "
+            f"{errs}{f' ({codes})' if codes else ''} | {r.server_cpu_ms_per_request:.4f} | "
+            f"{100 * r.server_cpu_s / r.wall_s:.0f} % | {r.client_cpu_ms_per_request:.4f} | "
+            f"{100 * r.other_cpu_s / r.wall_s:.0f} % | "
+            f"{r.result['requests']:,} (+ {r.result['warmup_requests']:,}) |"
+        )
+    w("")
+
+
 def render(
     *,
     info: dict[str, Any],
@@ -913,6 +1025,9 @@ def render(
     pa_runs: Sequence[PaRun] = (),
     pa_skipped: str | None = None,
     drift: DriftCost | None = None,
+    native: FrontendResult | None = None,
+    native_checks: Sequence[Check] = (),
+    native_skipped: str | None = None,
 ) -> str:
     out: list[str] = []
     w = out.append
@@ -948,9 +1063,27 @@ def render(
         w("")
     w("## Targets")
     w("")
+    w("The default server, `bnserve serve` (the Python front end: every feature).")
+    w("")
     w("| target | measured | limit | result |")
     w("|---|---|---|---|")
     out.extend(c.row() for c in checks)
+    w("")
+    w("### Native front end (`bnserve serve --frontend native`)")
+    w("")
+    if native is None:
+        w(f"Not measured in this run: {native_skipped}.")
+    else:
+        w(
+            f"Targets met: **{sum(c.passed for c in native_checks)} of {len(native_checks)}**. "
+            "The same models, gates and runs; requests are answered by gRPC C++ and "
+            "onnxruntime's C API with the same batching, validation, statistics and metrics "
+            "(no hot reload, TLS, tokens, drift or --workers: docs/native.md)."
+        )
+        w("")
+        w("| target | measured | limit | result |")
+        w("|---|---|---|---|")
+        out.extend(c.row() for c in native_checks)
     w("")
     w("## Machine and versions")
     w("")
@@ -999,6 +1132,15 @@ def render(
     w(f"| VmRSS after all runs | {rss_end_kb / 1024:.1f} MiB |")
     w(f"| VmHWM (peak RSS) after all runs | {hwm_end_kb / 1024:.1f} MiB |")
     w(f"| idle CPU after ready | {idle_cpu_pct:.2f} % of one core |")
+    if native is not None:
+        n = native
+        w(f"| native front end: time to ready | {n.server.ready_s:.2f} s |")
+        w(f"| native front end: VmRSS at ready | {n.server.rss_ready_kb / 1024:.1f} MiB |")
+        w(
+            f"| native front end: VmRSS / VmHWM after all runs | {n.rss_end_kb / 1024:.1f} / "
+            f"{n.hwm_end_kb / 1024:.1f} MiB |"
+        )
+        w(f"| native front end: idle CPU after ready | {n.idle_pct:.2f} % of one core |")
     w("")
     w("## Server under load (gRPC, closed loop, batch 1)")
     w("")
@@ -1012,26 +1154,11 @@ def render(
         "client: anything above a few % means the figures were taken on a busy machine."
     )
     w("")
-    w(
-        "| model | mode | c | req/s | samples/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms "
-        "| errors | server CPU ms/req | server CPU use | client CPU ms/req | other processes "
-        "| requests (+ warm-up) |"
-    )
-    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in runs.values():
-        lat = r.result["latency_ms"]
-        errs = r.result["errors"]
-        codes = ", ".join(f"{k} {v}" for k, v in r.result["errors_by_code"].items())
-        w(
-            f"| {r.model} | {r.mode} | {r.concurrency} | {r.result['throughput_rps']:,.0f} | "
-            f"{r.result['samples_per_s']:,.0f} | {_ms(lat['p50'])} | {_ms(lat['p90'])} | "
-            f"{_ms(lat['p99'])} | {_ms(lat['p999'])} | {_ms(lat['max'])} | "
-            f"{errs}{f' ({codes})' if codes else ''} | {r.server_cpu_ms_per_request:.4f} | "
-            f"{100 * r.server_cpu_s / r.wall_s:.0f} % | {r.client_cpu_ms_per_request:.4f} | "
-            f"{100 * r.other_cpu_s / r.wall_s:.0f} % | "
-            f"{r.result['requests']:,} (+ {r.result['warmup_requests']:,}) |"
-        )
-    w("")
+    _runs_table(w, runs)
+    if native is not None:
+        w("## Native front end under load (same runs, `--frontend native`)")
+        w("")
+        _runs_table(w, native.runs)
     w("## onnxruntime in-process (same files, the server's session options)")
     w("")
     w(
@@ -1077,13 +1204,16 @@ def render(
         "| / in-process batch 1 |"
     )
     w("|---|---|---|---|---|")
-    for r in runs.values():
+    labelled = [("", r) for r in runs.values()]
+    if native is not None:
+        labelled += [("native ", r) for r in native.runs.values()]
+    for prefix, r in labelled:
         best = ort_best(ort.get(r.model, []))
         cpu = ort_cpu_per_sample(ort.get(r.model, []))
         if best is None or cpu is None:
             continue
         w(
-            f"| {r.key} | {r.result['samples_per_s']:,.0f} | "
+            f"| {prefix}{r.key} | {r.result['samples_per_s']:,.0f} | "
             f"{r.result['samples_per_s'] / best.samples_per_s:.2f} | "
             f"{r.server_cpu_ms_per_sample:.4f} | {r.server_cpu_ms_per_sample / cpu:.2f} |"
         )
@@ -1097,14 +1227,15 @@ def render(
             "`bench/perf_analyzer.sh -m digits -i grpc --concurrency-range C "
             "[--streaming]` (C++ client, docs/perf_analyzer.md), a few measurement windows "
             "each. Server CPU a request is over every inference the server counted during the "
-            "run (ModelStatistics before and after), warm-up windows included. The last row "
-            "is a separate server, `serve --workers 2 --instances 1` (two processes on one "
-            "port; its ModelStatistics are per worker, so no CPU a request there)."
+            "run (ModelStatistics before and after), warm-up windows included. The row "
+            "labelled --workers is a separate server, `serve --workers 2 --instances 1` (two "
+            "processes on one port; its ModelStatistics are per worker, so no CPU a request "
+            "there); rows labelled --frontend native ran against the native front end."
         )
         w("")
         w("| model | mode | c | req/s | p50 ms | p99 ms | server CPU ms/req | note |")
         w("|---|---|---|---|---|---|---|---|")
-        for pa in pa_runs:
+        for pa in [*pa_runs, *(native.pa_runs if native is not None else [])]:
             w(
                 f"| digits | {pa.mode} | {pa.concurrency} | "
                 + ("-" if pa.throughput_rps is None else f"{pa.throughput_rps:,.0f}")
@@ -1181,6 +1312,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ort-duration", type=float, help="seconds per in-process point (override)")
     p.add_argument("--json", type=Path, help="also write every figure as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    p.add_argument(
+        "--pa-stability",
+        type=float,
+        default=25.0,
+        help="perf_analyzer's --stability-percentage (25; the smoke test, whose windows are "
+        "0.2 s, takes any window: 1000)",
+    )
+    p.add_argument(
+        "--frontends",
+        default=DEFAULT_FRONTENDS,
+        help="comma-separated front ends to measure (default: python, and native when built; "
+        "naming native when it is not built is an error)",
+    )
     return p.parse_args(argv)
 
 
@@ -1208,47 +1352,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"onnxruntime in-process: {model}")
         ort[model] = measure_ort(path, model, d.ort_s)
 
-    # 2. the server.
-    log_path = _server_log()
-    _say("starting the server")
-    server = start_server(repo, log_path, args.instances)
-    runs: dict[str, ServerRun] = {}
-    try:
-        _say(f"ready in {server.ready_s:.2f} s, VmRSS {server.rss_ready_kb / 1024:.1f} MiB")
-        c0, t0 = proc_cpu_s(server.pid), time.perf_counter()
-        time.sleep(d.idle_s)
-        idle_pct = 100.0 * (proc_cpu_s(server.pid) - c0) / (time.perf_counter() - t0)
-        # 3. the runs.
-        for model, mode, conc, batch in RUNS:
-            time.sleep(d.settle_s)
-            r = run_server_bench(server, model, mode, conc, batch, d)
-            runs[r.key] = r
-            lat = r.result["latency_ms"]
-            _say(
-                f"{r.key}: {r.result['throughput_rps']:,.0f} req/s, p50 "
-                f"{_ms(lat['p50'])} p99 {_ms(lat['p99'])} ms, "
-                f"server CPU {r.server_cpu_ms_per_request:.4f} ms/req, errors {r.result['errors']}"
-            )
-        rss_end = proc_status_kb(server.pid, "VmRSS")
-        hwm_end = proc_status_kb(server.pid, "VmHWM")
-        # 3b. perf_analyzer against the same server, when it can run here.
-        pa_runs: list[PaRun] = []
-        pa_skipped = perf_analyzer_unavailable()
-        if pa_skipped is None:
-            with tempfile.TemporaryDirectory(prefix="bnserve-pa-") as workdir:
-                for mode, conc in PA_RUNS:
-                    time.sleep(d.settle_s)
-                    pa = run_perf_analyzer(server, "digits", mode, conc, d, Path(workdir))
-                    pa_runs.append(pa)
-                    _say(
-                        f"perf_analyzer digits {mode} c{conc}: {pa.throughput_rps} req/s, "
-                        f"p50 {_ms(pa.p50_ms)} ms, server CPU "
-                        f"{_ms(pa.server_cpu_ms_per_request, '{:.4f}')} ms/req {pa.error}"
-                    )
-        else:
-            _say(f"perf_analyzer not run: {pa_skipped}")
-    finally:
-        _stop_keeping_log(server, "the server")
+    # 2.-3. the server(s): the Python front end, then the native one when it is built.
+    pa_skipped = perf_analyzer_unavailable()
+    if pa_skipped is not None:
+        _say(f"perf_analyzer not run: {pa_skipped}")
+    frontends = [f.strip() for f in args.frontends.split(",") if f.strip()]
+    native_skipped = native_unavailable() if "native" in frontends else "not asked for"
+    if native_skipped is not None and "native" in frontends:
+        if args.frontends != DEFAULT_FRONTENDS:
+            raise SystemExit(f"bench/suite.py: {native_skipped}")
+        _say(f"native front end not measured: {native_skipped}")
+        frontends.remove("native")
+    results = {
+        f: measure_frontend(f, repo, args.instances, d, pa_skipped, args.pa_stability)
+        for f in frontends
+    }
+    py = results["python"]
+    server, runs, pa_runs = py.server, py.runs, py.pa_runs
+    idle_pct, rss_end, hwm_end = py.idle_pct, py.rss_end_kb, py.hwm_end_kb
+    native = results.get("native")
 
     # 3b'. perf_analyzer against `serve --workers 2` (a session each): the SO_REUSEPORT option.
     if pa_skipped is None:
@@ -1267,6 +1389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     Path(workdir),
                     label=f"unary, --workers {PA_WORKERS} --instances 1",
                     count=False,
+                    stability_pct=args.pa_stability,
                 )
                 pa_runs.append(pa)
                 _say(f"perf_analyzer digits {pa.mode} c16: {pa.throughput_rps} req/s {pa.error}")
@@ -1284,6 +1407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 4. the report.
     info["loadavg_end"] = loadavg()
     checks = evaluate(runs, ort, server, drift)
+    native_checks = evaluate(native.runs, ort, native.server) if native is not None else []
     sha = info["bnserve_sha"]
     plots = {
         "digits: throughput against concurrency": img_dir / "digits_throughput.png",
@@ -1323,6 +1447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pa_runs=pa_runs,
         pa_skipped=pa_skipped,
         drift=drift,
+        native=native,
+        native_checks=native_checks,
+        native_skipped=native_skipped,
     )
     out.write_text(text)
     if args.json:
@@ -1347,6 +1474,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "runs": [dataclasses.asdict(pa) for pa in pa_runs],
                     },
                     "drift_cost": {**dataclasses.asdict(drift), "cost_pct": drift.cost_pct},
+                    "native": None
+                    if native is None
+                    else {
+                        "ready_s": native.server.ready_s,
+                        "rss_ready_kb": native.server.rss_ready_kb,
+                        "rss_end_kb": native.rss_end_kb,
+                        "hwm_end_kb": native.hwm_end_kb,
+                        "idle_cpu_pct": native.idle_pct,
+                        "runs": [r.summary() for r in native.runs.values()],
+                        "targets": [
+                            {**dataclasses.asdict(c), "passed": c.passed} for c in native_checks
+                        ],
+                        "perf_analyzer": [dataclasses.asdict(pa) for pa in native.pa_runs],
+                    },
+                    "native_skipped": native_skipped if native is None else None,
                 },
                 indent=2,
             )
@@ -1357,6 +1499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for c in checks:
         _say(("PASS " if c.passed else "FAIL ") + c.row())
+    if native is not None:
+        _say(f"native front end: {sum(c.passed for c in native_checks)} of {len(native_checks)}")
+        for c in native_checks:
+            _say(("PASS " if c.passed else "FAIL ") + c.row())
     return 1 if args.strict and not all(c.passed for c in checks) else 0
 
 

@@ -57,6 +57,9 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[st
         "0.1",
         "--ort-duration",
         "0.05",
+        # 0.2 s windows are too short to be stable within 25%: this test checks the pipeline
+        "--pa-stability",
+        "1000",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=out_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -76,6 +79,8 @@ def test_report_has_every_section_and_table(report, suite) -> None:
         "## onnxruntime in-process",
         "## perf_analyzer (Triton's load tester), same server",
         "## Drift monitoring's cost",
+        "### Native front end (`bnserve serve --frontend native`)",
+        "## Native front end under load",
         "## Peers, for reference",
         "## Plots",
     ):
@@ -91,7 +96,7 @@ def test_report_has_every_section_and_table(report, suite) -> None:
             assert f"| {model} | {n} |" in md
     # every target has a verdict; the versions are named
     verdicts = [line for line in md.splitlines() if line.endswith(("**PASS** |", "**FAIL** |"))]
-    assert len(verdicts) == 15
+    assert len(verdicts) == 15 + 14  # the Python front end's, then the native one's (no drift)
     for name in ("grpcio", "onnxruntime", "numpy", "python", "bnserve"):
         assert f"| {name} |" in md
     assert "4,040 req/s" in md and "5,472 req/s" in md  # peers
@@ -144,6 +149,21 @@ def test_json_accounts_for_every_run(report, suite) -> None:
     else:
         assert pa["runs"] == [] and pa["skipped"]
     assert data["server"]["rss_ready_kb"] > 10_000
+    # the native front end (make test builds it): the same runs, every one answered
+    native = data["native"]
+    assert native is not None, data["native_skipped"]
+    assert [(r["model"], r["mode"], r["concurrency"]) for r in native["runs"]] == [
+        (m, mode, c) for m, mode, c, _ in suite.RUNS
+    ]
+    for r in native["runs"]:
+        assert r["requests"] > 0 and r["errors"] == 0, r
+    assert len(native["targets"]) == 14 and 0 < native["ready_s"] < 60
+    if pa["skipped"] is None:
+        assert [(r["mode"], r["concurrency"]) for r in native["perf_analyzer"]] == [
+            (f"{mode}, --frontend native", c) for mode, c in suite.PA_RUNS
+        ]
+        for r in native["perf_analyzer"]:
+            assert r["error"] == "" and r["throughput_rps"] > 0 and r["served"] > 0, r
 
 
 def test_proc_cpu_counts_threads_and_children(suite) -> None:

@@ -449,11 +449,12 @@ def _wait_inflight(s: NativeServer, n: int, timeout: float = 60.0) -> float:
 
 
 def test_sigterm_answers_every_accepted_request_then_exits_0(pools: dict[str, SessionPool]) -> None:
-    """48 requests of 8 vol3d rows (~0.7 s of work on 2 sessions); SIGTERM once 40 are in the
-    server. Every request is answered right or, if it never got in, refused with UNAVAILABLE;
-    all those in flight at the signal are answered; exit 0 after a clean drain."""
-    s = NativeServer(BUNDLED, "--instances", "2", "--grace", "30")
-    x = _vol3d_rows(48 * 8, seed=5)
+    """48 requests of 16 vol3d rows (each runs alone: ~60 ms, ~1.4 s of work on 2 sessions);
+    SIGTERM once 32 are in the server. Every request is answered right or, if it never got
+    in, refused with UNAVAILABLE; all those in flight at the signal are answered; exit 0."""
+    rows = 16
+    s = NativeServer(BUNDLED, "--instances", "2", "--grace", "60")
+    x = _vol3d_rows(48 * rows, seed=5)
     name = next(iter(pools["vol3d"].run({"input": x[:1]})))
     results: dict[int, object] = {}
     try:
@@ -461,12 +462,12 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(pools: dict[str, Se
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             futures = [
                 stub.ModelInfer.future(
-                    _request(x[8 * i : 8 * i + 8], model="vol3d", rid=str(i)), timeout=120
+                    _request(x[rows * i : rows * (i + 1)], model="vol3d", rid=str(i)),
+                    timeout=120,
                 )
                 for i in range(48)
             ]
-            inflight = _wait_inflight(s, 40)
-            assert inflight >= 40
+            assert _wait_inflight(s, 32) >= 32
             s.proc.send_signal(signal.SIGTERM)
             for i, f in enumerate(futures):
                 try:
@@ -481,29 +482,32 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(pools: dict[str, Se
         i: (r.code(), r.details()) for i, r in refused.items()
     }
     answered = {i: r for i, r in results.items() if isinstance(r, np.ndarray)}
-    assert len(answered) >= inflight
     for i, got in answered.items():
-        want = pools["vol3d"].run({"input": x[8 * i : 8 * i + 8]})[name]
+        want = pools["vol3d"].run({"input": x[rows * i : rows * (i + 1)]})[name]
         assert got.tobytes() == want.tobytes(), f"request {i}"
     assert rc == 0, "".join(s.log[-20:])
     log = "".join(s.log)
     drained = re.search(r"draining: (\d+) request\(s\) in flight", log)
-    assert drained and int(drained.group(1)) >= 40, log[-2000:]
+    assert drained, log[-2000:]
+    # In flight at the signal: a good part of the load (a few may have finished between the
+    # gauge's reading and the signal), and every one of them answered.
+    assert int(drained.group(1)) >= 16 and len(answered) >= int(drained.group(1))
     assert "stopped cleanly" in log
 
 
 def test_new_calls_during_the_drain_get_unavailable() -> None:
-    """24 requests of 16 vol3d rows on one session (~1.4 s of work): a call made once the
-    drain has begun is refused with UNAVAILABLE, saying why; the drained ones are answered."""
-    s = NativeServer(BUNDLED, "--instances", "1", "--grace", "30")
-    x = _vol3d_rows(16, seed=7)
+    """16 requests of 32 vol3d rows on one session (each runs alone, ~0.12 s: ~2 s of work):
+    a call made once the drain has begun is refused with UNAVAILABLE saying why, while the
+    drained ones are answered."""
+    s = NativeServer(BUNDLED, "--instances", "1", "--grace", "60")
+    x = _vol3d_rows(32, seed=7)
     try:
         with grpc.insecure_channel(s.target) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             futures = [
-                stub.ModelInfer.future(_request(x, model="vol3d"), timeout=120) for _ in range(24)
+                stub.ModelInfer.future(_request(x, model="vol3d"), timeout=120) for _ in range(16)
             ]
-            assert _wait_inflight(s, 20) >= 20
+            assert _wait_inflight(s, 12) >= 12  # >= 11 still queued: >= 1.3 s of drain left
             s.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 30  # until the drain has begun (its log line)
             while not any("draining" in line for line in s.log) and time.monotonic() < deadline:
@@ -512,7 +516,7 @@ def test_new_calls_during_the_drain_get_unavailable() -> None:
                 stub.ModelInfer(_request(x[:1], model="vol3d"), timeout=30)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "shutting down" in err.value.details()
-            assert all(_out(f.result()).shape[0] == 16 for f in futures)
+            assert all(_out(f.result()).shape[0] == 32 for f in futures)
         assert s.proc.wait(60) == 0
     finally:
         s.kill()

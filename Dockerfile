@@ -6,6 +6,7 @@ ARG BASE_IMAGE=python:3.11-slim
 #                                                               # and its venv module
 #   docker run --rm -p 8001:8001 -p 8002:8002 bnserve
 #   docker run --rm -v "$PWD/my_repo:/models:ro" bnserve        # serve your own repository
+#   docker run --rm -p 8001:8001 bnserve --frontend native      # the C++ front end (docs/native.md)
 #
 # Settings come from BNSERVE_* variables (server/config.py) and flags appended to `docker run`
 # (flags win). Change the gRPC port with -e BNSERVE_PORT=..., not --port: the HEALTHCHECK reads
@@ -48,10 +49,29 @@ RUN /opt/bnserve/bin/pip install . \
     && ! /opt/bnserve/bin/python -c 'import torch' 2>/dev/null \
     && /opt/bnserve/bin/python -c 'import bnserve.server.app, bnserve.cli, onnxruntime, onnx'
 
+# The native front end (`--frontend native`, docs/native.md): built against the venv above (it
+# links that venv's libonnxruntime), with gRPC C++ from Debian; compilers stay in this stage.
+FROM ${BASE_IMAGE} AS native
+COPY --from=build /opt/bnserve /opt/bnserve
+WORKDIR /src
+COPY proto/inference.proto proto/
+COPY server/native/ server/native/
+RUN VENV=/opt/bnserve OUT=/opt/bnserve/native BNSERVE_NATIVE_CACHE=/tmp/native-cache \
+        bash server/native/build.sh \
+    && rm -rf /opt/bnserve/native/*.o /opt/bnserve/native/gen /opt/bnserve/native/proto \
+    && /opt/bnserve/native/bnserve_native --help 2>&1 | grep -q plan
+
 FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="bnserve" \
       org.opencontainers.image.description="frozen BatchNorm ONNX models over gRPC (Open Inference Protocol)"
+# gRPC C++'s runtime libraries, for the native front end only (the Python one needs none).
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        libgrpc++1.51 libprotobuf32 \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 COPY --from=build /opt/bnserve /opt/bnserve
+COPY --from=native /opt/bnserve/native /opt/bnserve/native
 COPY model_repository/ /models/
 # Non-root, numeric (Kubernetes runAsNonRoot can verify it); no /etc/passwd entry needed.
 USER 10001:10001
@@ -63,7 +83,8 @@ ENV PATH=/opt/bnserve/bin:$PATH \
     BNSERVE_HOST=0.0.0.0 \
     BNSERVE_PORT=8001 \
     BNSERVE_METRICS_PORT=8002 \
-    BNSERVE_GRACE=10
+    BNSERVE_GRACE=10 \
+    BNSERVE_NATIVE_BIN=/opt/bnserve/native/bnserve_native
 WORKDIR /tmp
 EXPOSE 8001 8002
 # A shell here is fine (it is not PID 1); it lets the probe follow BNSERVE_PORT.

@@ -294,7 +294,11 @@ print("uid", os.getuid(), "no torch, /models:", sorted(p.name for p in pathlib.P
     die "entrypoint is not exec-form bnserve serve"
 
 # ---------------------------------------------------------------------------------------------
-phase "start + healthy"
+# The same checks against each front end of the image (docs/native.md): start, client checks,
+# SIGTERM drain.
+serve_and_check() {
+local FRONTEND=$1
+phase "start + healthy ($FRONTEND)"
 "$PYTHON" - "$PORT" "$METRICS_PORT" <<'EOF' || die "port $PORT or $METRICS_PORT is busy on this host (set BNSERVE_CI_PORT/BNSERVE_CI_METRICS_PORT)"
 import socket, sys
 for port in map(int, sys.argv[1:]):
@@ -310,7 +314,7 @@ EOF
     --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
     -e BNSERVE_PORT="$PORT" -e BNSERVE_METRICS_PORT="$METRICS_PORT" \
     --health-interval 1s --health-start-period 30s \
-    "$IMAGE" --instances 2 >/dev/null
+    "$IMAGE" --instances 2 --frontend "$FRONTEND" >/dev/null
 CONTAINER_STARTED=1
 status=
 for i in $(seq 1 120); do  # <= 60 s
@@ -323,7 +327,7 @@ done
 log "healthy: $("$DOCKER" inspect -f '{{(index .State.Health.Log 0).Output}}' "$CONTAINER" | head -n 1)"
 
 # ---------------------------------------------------------------------------------------------
-phase "client checks"
+phase "client checks ($FRONTEND)"
 timeout 120 "$PYTHON" - "127.0.0.1:$PORT" "$METRICS_PORT" "$ROOT/model_repository/digits/1/model.onnx" <<'EOF'
 """Unary ModelInfer and ModelStreamInfer on digits, compared with onnxruntime in-process."""
 import queue
@@ -404,10 +408,10 @@ else
     log "the image has no 'bnserve bench' yet: compose's bench command not exercised"
 fi
 mem=$(timeout 20 "$DOCKER" stats --no-stream --format '{{.MemUsage}}' "$CONTAINER" 2>/dev/null || true)
-log "container memory after the checks (2 instances per model): ${mem:-unknown}"
+log "container memory after the checks ($FRONTEND, 2 instances per model): ${mem:-unknown}"
 
 # ---------------------------------------------------------------------------------------------
-phase "SIGTERM drain"
+phase "SIGTERM drain ($FRONTEND)"
 timeout 60 "$DOCKER" stop -t 30 "$CONTAINER" >/dev/null   # SIGTERM, SIGKILL only after 30 s
 read -r code oom < <("$DOCKER" inspect -f '{{.State.ExitCode}} {{.State.OOMKilled}}' "$CONTAINER")
 logs=$("$DOCKER" logs "$CONTAINER" 2>&1)
@@ -416,6 +420,12 @@ grep -q "stopped cleanly" <<<"$logs" || { printf '%s\n' "$logs" | tail -n 20 >&2
 log "exit code 0; $(grep -o 'stopped cleanly.*' <<<"$logs" | head -n 1)"
 "$DOCKER" rm "$CONTAINER" >/dev/null
 CONTAINER_STARTED=0
+
+}
+
+for frontend in python native; do
+    serve_and_check "$frontend"
+done
 
 phase ""
 log "OK: image $IMAGE ${size_mb} MB (${size_bytes} bytes), build ${build_secs} s"

@@ -20,6 +20,7 @@
 #include <cctype>
 #include <fstream>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -48,6 +49,8 @@ struct Model {
   std::map<std::string, std::unique_ptr<ModelVersion>> versions;
 };
 
+class StreamCall;
+
 class Core {
  public:
   std::map<std::string, Model> models;
@@ -55,13 +58,20 @@ class Core {
   pb::ServerMetadataResponse server_metadata;
   VersionStats unknown;  // requests naming no served model version
   std::atomic<bool> accepting{true};
+  // Accepted requests not yet answered (the bnserve_inflight_requests gauge): counted once
+  // accepted, uncounted just before the answer is handed to gRPC. Refused calls never count.
   std::atomic<int64_t> inflight{0};
   std::mutex drain_mu;
   std::condition_variable drain_cv;
+  // Live ModelStreamInfer calls (see StreamCall), so the drain can end idle streams.
+  std::mutex streams_mu;
+  std::set<StreamCall*> streams;
+  bool streams_closing = false;  // under streams_mu: new streams are ended at once
 
   bool enter() {
+    if (!accepting.load()) return false;
     inflight.fetch_add(1);
-    if (!accepting.load()) {
+    if (!accepting.load()) {  // the drain began in between: undo (it may be waiting on us)
       leave();
       return false;
     }
@@ -160,16 +170,14 @@ struct UnaryPending final : Pending {
   grpc::ServerUnaryReactor* reactor = nullptr;
   void done(const Status& st) override {
     g_core->account(this, st.error_code());
+    g_core->leave();  // before the answer leaves: a client reading /metrics after it sees it gone
     reactor->Finish(st);
-    g_core->leave();
     delete this;
   }
 };
 
 // ---------------------------------------------------------------------------------------------
 // ModelStreamInfer.
-
-class StreamCall;
 
 struct StreamPending final : Pending {
   StreamCall* call = nullptr;
@@ -183,21 +191,44 @@ struct StreamPending final : Pending {
   void done(const Status& st) override;
 };
 
+// Threads: gRPC runs the reactions (OnReadDone, OnWriteDone, OnDone) on its own threads;
+// deliver() runs on a worker (on main via abort_queued; inside OnReadDone for a refused message)
+// and close() on main. Finish() is only ever called with mu_ released: from then on OnDone
+// (scheduled on a gRPC executor thread) may delete this at any moment, so outside a reaction
+// (where gRPC holds a reference) nothing may touch `this` after Finish(). close() is called with
+// Core::streams_mu held, which OnDone takes before deleting, so close() never sees a dead call.
 class StreamCall final
     : public grpc::ServerBidiReactor<pb::ModelInferRequest, pb::ModelStreamInferResponse> {
  public:
   explicit StreamCall(grpc::CallbackServerContext* ctx) : ctx_(ctx) {
+    bool closing;
+    {
+      std::lock_guard<std::mutex> g(g_core->streams_mu);
+      closing = g_core->streams_closing;
+      if (!closing) g_core->streams.insert(this);
+    }
+    if (closing) {  // the drain is ending the streams: this one too, before it reads anything
+      finished_ = true;  // no lock: no other thread knows this call yet
+      Finish(Status(StatusCode::UNAVAILABLE, kShuttingDown));
+      return;
+    }
     next_ = new StreamPending();
     StartRead(&next_->own);
   }
+  ~StreamCall() override { delete next_; }
 
   void OnReadDone(bool ok) override {
-    if (!ok) {  // client half-closed, or the call broke
-      std::lock_guard<std::mutex> g(mu_);
-      delete next_;
-      next_ = nullptr;
-      reads_done_ = true;
-      maybe_finish_locked();
+    Status fst;
+    bool fin = false;
+    if (!ok) {  // client half-closed, or the call broke or was finished
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        delete next_;
+        next_ = nullptr;
+        reads_done_ = true;
+        fin = finish_due_locked(&fst);
+      }
+      if (fin) Finish(fst);
       return;
     }
     StreamPending* p = next_;
@@ -218,6 +249,7 @@ class StreamCall final
       if (!st.ok()) p->done(st);
     }
     std::lock_guard<std::mutex> g(mu_);
+    if (finished_ || closing_) return;  // no more reads
     if (window_ < kStreamWindow) {
       next_ = new StreamPending();
       StartRead(&next_->own);
@@ -228,57 +260,93 @@ class StreamCall final
 
   // A finished message (from a worker or a handler): write it, in completion order.
   void deliver(StreamPending* p) {
-    std::lock_guard<std::mutex> g(mu_);
-    if (broken_) {
-      retire_locked(p);
-      maybe_finish_locked();
-      return;
+    Status fst;
+    bool fin = false;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (broken_ || finished_) {
+        retire_locked(p);
+        fin = finish_due_locked(&fst);
+      } else {
+        outq_.push_back(p);
+        if (!writing_) {
+          writing_ = true;
+          StartWrite(&outq_.front()->out);
+        }
+      }
     }
-    outq_.push_back(p);
-    if (!writing_) {
-      writing_ = true;
-      StartWrite(&outq_.front()->out);
+    if (fin) Finish(fst);  // last use of this
+  }
+
+  // The drain answered every accepted request (main, under Core::streams_mu): end the stream
+  // with UNAVAILABLE once what it has read is written (at once when idle); read no more.
+  void close() {
+    Status fst;
+    bool fin;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      closing_ = true;
+      fin = finish_due_locked(&fst);
     }
+    if (fin) Finish(fst);
   }
 
   void OnWriteDone(bool ok) override {
-    std::lock_guard<std::mutex> g(mu_);
-    StreamPending* p = outq_.front();
-    outq_.pop_front();
-    retire_locked(p);
-    if (!ok) {  // the client is gone: drop what is left (its requests were answered as far as we can)
-      broken_ = true;
-      while (!outq_.empty()) {
-        retire_locked(outq_.front());
-        outq_.pop_front();
+    Status fst;
+    bool fin;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      StreamPending* p = outq_.front();
+      outq_.pop_front();
+      retire_locked(p);
+      if (!ok) {  // the client is gone: drop what is left (its requests were answered as far as we can)
+        broken_ = true;
+        while (!outq_.empty()) {
+          retire_locked(outq_.front());
+          outq_.pop_front();
+        }
       }
+      if (!outq_.empty()) {
+        StartWrite(&outq_.front()->out);
+      } else {
+        writing_ = false;
+      }
+      fin = finish_due_locked(&fst);
     }
-    if (!outq_.empty()) {
-      StartWrite(&outq_.front()->out);
-    } else {
-      writing_ = false;
-    }
-    maybe_finish_locked();
+    if (fin) Finish(fst);
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> g(g_core->streams_mu);
+      g_core->streams.erase(this);
+    }
+    delete this;
+  }
 
  private:
   void retire_locked(StreamPending* p) {
-    if (p->accepted) g_core->leave();
     delete p;
     window_--;
-    if (paused_ && window_ < kStreamWindow && !reads_done_) {
+    if (paused_ && window_ < kStreamWindow && !reads_done_ && !finished_ && !closing_) {
       paused_ = false;
       next_ = new StreamPending();
       StartRead(&next_->own);
     }
   }
-  void maybe_finish_locked() {
-    if (reads_done_ && window_ == 0 && !writing_ && !finished_) {
-      finished_ = true;
-      Finish(Status::OK);
+  // Whether the call is to be finished now, with *st; if so it is marked finished and the caller
+  // calls Finish(*st) once mu_ is released.
+  bool finish_due_locked(Status* st) {
+    if (finished_ || writing_ || window_ > 0) return false;
+    if (reads_done_) {
+      *st = Status::OK;
+    } else if (closing_) {
+      *st = Status(StatusCode::UNAVAILABLE, kShuttingDown);
+    } else {
+      return false;
     }
+    finished_ = true;
+    return true;
   }
 
   grpc::CallbackServerContext* ctx_;
@@ -287,6 +355,7 @@ class StreamCall final
   std::deque<StreamPending*> outq_;  // front: being written
   int window_ = 0;  // messages read and not yet written or dropped
   bool writing_ = false, reads_done_ = false, finished_ = false, paused_ = false, broken_ = false;
+  bool closing_ = false;  // the drain asked it to end
 };
 
 void StreamPending::done(const Status& st) {
@@ -300,6 +369,8 @@ void StreamPending::done(const Status& st) {
     r->set_model_name(model);
     r->set_model_version(version);
   }
+  pb::ModelInferRequest().Swap(&own);  // the request is no longer needed: free it (Clear keeps capacity)
+  if (accepted) g_core->leave();  // answered: uncounted before the answer goes to gRPC
   call->deliver(this);
 }
 
@@ -636,20 +707,30 @@ int main(int argc, char** argv) {
   logf(kInfo, "draining: %lld request(s) in flight, grace %g s",
        (long long)core.inflight.load(), plan.grace_s);
   int64_t unanswered = 0;
+  bool drained;
   {
     std::unique_lock<std::mutex> lk(core.drain_mu);
-    core.drain_cv.wait_until(lk, drain_deadline, [] { return g_core->inflight.load() <= 0; });
-    unanswered = core.inflight.load();
+    drained = core.drain_cv.wait_until(lk, drain_deadline, [&] {
+      unanswered = core.inflight.load();
+      return unanswered <= 0;
+    });
   }
-  if (unanswered > 0) {
+  if (drained) {
+    // Every accepted request is answered: end the streams (an idle one at once, the others once
+    // their answers are written), so an open stream does not hold the shutdown for the grace.
+    unanswered = 0;
+    std::lock_guard<std::mutex> g(core.streams_mu);
+    core.streams_closing = true;
+    for (StreamCall* c : core.streams) c->close();
+  } else {
     Status st(StatusCode::UNAVAILABLE, "server shut down before the request ran (drain grace ran out)");
     for (ModelVersion* mv : core.all) mv->abort_queued(st);
   }
-  server->Shutdown(unanswered > 0 ? std::chrono::system_clock::now() : drain_deadline);
+  server->Shutdown(drained ? drain_deadline : std::chrono::system_clock::now());
   server->Wait();
   for (ModelVersion* mv : core.all) mv->stop();
   metrics.stop();
-  if (unanswered > 0) {
+  if (!drained) {
     logf(kError, "grace of %g s ran out: %lld request(s) in flight were cancelled unanswered",
          plan.grace_s, (long long)unanswered);
     std::fflush(stderr);

@@ -5,7 +5,6 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -16,6 +15,8 @@
 namespace bnn {
 
 namespace {
+
+constexpr int64_t kConnectionBudgetNs = 2000000000;  // reading the request and writing the answer
 
 const char* kCodeNames[kCodes] = {
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
@@ -176,6 +177,10 @@ int MetricsServer::start(const std::string& host, int port, std::string* err) {
 
 void MetricsServer::stop() {
   stop_.store(true);
+  {
+    std::lock_guard<std::mutex> g(conn_mu_);
+    if (conn_ >= 0) shutdown(conn_, SHUT_RDWR);  // a stalled client does not hold the exit
+  }
   if (thread_.joinable()) thread_.join();
   if (fd_ >= 0) close(fd_);
   fd_ = -1;
@@ -185,22 +190,41 @@ void MetricsServer::loop() {
   while (!stop_.load()) {
     pollfd p{fd_, POLLIN, 0};
     if (poll(&p, 1, 200) <= 0) continue;
-    int c = accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    int c = accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (c < 0) continue;
-    timeval tv{5, 0};
-    setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    serve(c);
+    bool go;
+    {
+      std::lock_guard<std::mutex> g(conn_mu_);
+      conn_ = c;
+      go = !stop_.load();
+    }
+    if (go) serve(c, now_ns() + kConnectionBudgetNs);
+    {
+      std::lock_guard<std::mutex> g(conn_mu_);
+      conn_ = -1;
+    }
     close(c);
   }
 }
 
-void MetricsServer::serve(int fd) {
+void MetricsServer::serve(int fd, int64_t deadline_ns) {
+  // Waits (within the connection's deadline) until fd is ready for `events`.
+  auto ready = [&](short events) {
+    for (;;) {
+      const int64_t left_ms = (deadline_ns - now_ns()) / 1000000;
+      if (left_ms <= 0) return false;
+      pollfd p{fd, events, 0};
+      int rc = poll(&p, 1, int(left_ms));
+      if (rc > 0) return true;
+      if (rc < 0 && errno != EINTR) return false;
+    }
+  };
   std::string req;
   char buf[2048];
   while (req.find("\r\n\r\n") == std::string::npos && req.find("\n\n") == std::string::npos) {
-    if (req.size() > 16384) return;
+    if (req.size() > 16384 || !ready(POLLIN)) return;
     ssize_t n = recv(fd, buf, sizeof buf, 0);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;
     if (n <= 0) return;
     req.append(buf, size_t(n));
   }
@@ -230,7 +254,9 @@ void MetricsServer::serve(int fd) {
   if (method != "HEAD") out += body;
   size_t off = 0;
   while (off < out.size()) {
+    if (!ready(POLLOUT)) return;
     ssize_t n = send(fd, out.data() + off, out.size() - off, MSG_NOSIGNAL);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;
     if (n <= 0) return;
     off += size_t(n);
   }

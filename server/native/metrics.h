@@ -1,8 +1,9 @@
 // The Prometheus text-format endpoint (GET /metrics), hand-written: Debian bookworm packages no
-// prometheus-cpp. One thread, one connection at a time, 5 s socket timeouts.
+// prometheus-cpp. One thread, one connection at a time, 2 s in all for each connection.
 #pragma once
 
 #include <atomic>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -24,7 +25,7 @@ class MetricsServer {
 
  private:
   void loop();
-  void serve(int fd);
+  void serve(int fd, int64_t deadline_ns);
 
   const std::vector<ModelVersion*>* versions_;
   VersionStats* unknown_;
@@ -32,6 +33,8 @@ class MetricsServer {
   const std::atomic<bool>* accepting_;
   int fd_ = -1;
   std::atomic<bool> stop_{false};
+  std::mutex conn_mu_;
+  int conn_ = -1;  // the connection being served (stop() shuts it down), under conn_mu_
   std::thread thread_;
 };
 

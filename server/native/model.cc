@@ -337,7 +337,6 @@ void ModelVersion::worker(int index) {
 
 void ModelVersion::run_batch(Ort::Session& session, std::vector<Pending*>& batch,
                              std::vector<std::vector<char>>& bufs) {
-  static const Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   const int64_t t0 = now_ns();
   int64_t total_rows = 0;
   size_t total_bytes = 0;
@@ -347,6 +346,42 @@ void ModelVersion::run_batch(Ort::Session& session, std::vector<Pending*>& batch
     total_rows += p->rows;
     total_bytes += p->in_bytes;
   }
+  int64_t t1 = t0, t2 = t0;
+  Status st;
+  // Whatever goes wrong, every request of the batch gets an answer and the worker goes on.
+  try {
+    st = compute(session, batch, bufs, total_rows, total_bytes, &t1, &t2);
+  } catch (const Ort::Exception& e) {
+    st = Status(StatusCode::INTERNAL, std::string("onnxruntime: ") + e.what());
+  } catch (const std::exception& e) {
+    st = Status(StatusCode::INTERNAL, std::string("internal error: ") + e.what());
+  }
+  if (t2 < t1) t2 = t1;
+  // A merge buffer that grew past the threshold is not kept (as the Python server's arena).
+  for (auto& buf : bufs)
+    if (buf.capacity() > kShrinkInputBytes) std::vector<char>().swap(buf);
+  const int64_t t3 = now_ns();
+  for (Pending* p : batch) {
+    p->cin_ns = t1 - t0;
+    p->cinfer_ns = t2 - t1;
+    p->cout_ns = t3 - t2;
+  }
+  {
+    std::lock_guard<std::mutex> g(stats_.mu);
+    stats_.execution_count++;
+    if (st.ok()) stats_.inference_count += total_rows;
+    stats_.last_ms = wall_ms();
+    stats_.batch_size.observe(double(total_rows));
+    stats_.batch_requests.observe(double(batch.size()));
+    stats_.compute_s.observe(double(t3 - t0) * 1e-9);
+  }
+  for (Pending* p : batch) p->done(st);
+}
+
+Status ModelVersion::compute(Ort::Session& session, std::vector<Pending*>& batch,
+                             std::vector<std::vector<char>>& bufs, int64_t total_rows,
+                             size_t total_bytes, int64_t* t1, int64_t* t2) {
+  static const Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   const Pending* first = batch[0];
   const size_t nin = inputs_.size();
   std::vector<Ort::Value> values;
@@ -384,75 +419,51 @@ void ModelVersion::run_batch(Ort::Session& session, std::vector<Pending*>& batch
   }
   std::vector<const char*> names;
   for (int k : first->want) names.push_back(out_names_[k]);
-  const int64_t t1 = now_ns();
-  std::vector<Ort::Value> outs;
-  Status st;
-  try {
-    outs = session.Run(total_bytes > kShrinkInputBytes ? shrink_ : plain_, in_names_.data(),
-                       values.data(), values.size(), names.data(), names.size());
-  } catch (const Ort::Exception& e) {
-    st = Status(StatusCode::INTERNAL, std::string("onnxruntime: ") + e.what());
-  }
-  const int64_t t2 = now_ns();
-  if (st.ok()) {
-    // Split the outputs back by rows: each request gets exactly its rows.
-    for (size_t i = 0; i < names.size() && st.ok(); ++i) {
-      auto info = outs[i].GetTensorTypeAndShapeInfo();
-      auto oshape = info.GetShape();
-      if (batch.size() > 1 && (oshape.empty() || oshape[0] != total_rows))
-        st = Status(StatusCode::INTERNAL, "output '" + outputs_[first->want[i]].name +
+  *t1 = now_ns();
+  std::vector<Ort::Value> outs =
+      session.Run(total_bytes > kShrinkInputBytes ? shrink_ : plain_, in_names_.data(),
+                  values.data(), values.size(), names.data(), names.size());
+  *t2 = now_ns();
+  // Split the outputs back by rows: each request gets exactly its rows.
+  for (size_t i = 0; i < names.size(); ++i) {
+    auto info = outs[i].GetTensorTypeAndShapeInfo();
+    auto oshape = info.GetShape();
+    if (batch.size() > 1 && (oshape.empty() || oshape[0] != total_rows))
+      return Status(StatusCode::INTERNAL, "output '" + outputs_[first->want[i]].name +
                                               "' has shape " + fmt_shape(oshape) +
                                               ", which cannot be split into a batch of " +
                                               std::to_string(total_rows) + " rows");
-    }
-    if (st.ok()) {
-      for (Pending* p : batch) {
-        p->resp->set_model_name(plan_.name);
-        p->resp->set_model_version(plan_.version);
-        p->resp->set_id(p->req->id());
-      }
-      for (size_t i = 0; i < names.size(); ++i) {
-        const TensorSpec& sp = outputs_[first->want[i]];
-        auto info = outs[i].GetTensorTypeAndShapeInfo();
-        auto oshape = info.GetShape();
-        const size_t nbytes = info.GetElementCount() * sp.dt.size;
-        const char* data = static_cast<const char*>(outs[i].GetTensorRawData());
-        const size_t row_bytes = batch.size() > 1 ? nbytes / size_t(total_rows) : 0;
-        size_t off = 0;
-        for (Pending* p : batch) {
-          auto* o = p->resp->add_outputs();
-          o->set_name(sp.name);
-          o->set_datatype(sp.dt.v2);
-          if (batch.size() == 1) {
-            for (int64_t d : oshape) o->add_shape(d);
-            p->resp->add_raw_output_contents()->assign(data, nbytes);
-          } else {
-            o->add_shape(p->rows);
-            for (size_t a = 1; a < oshape.size(); ++a) o->add_shape(oshape[a]);
-            const size_t n = row_bytes * size_t(p->rows);
-            p->resp->add_raw_output_contents()->assign(data + off, n);
-            off += n;
-          }
-        }
-      }
-    }
   }
-  const int64_t t3 = now_ns();
   for (Pending* p : batch) {
-    p->cin_ns = t1 - t0;
-    p->cinfer_ns = t2 - t1;
-    p->cout_ns = t3 - t2;
+    p->resp->set_model_name(plan_.name);
+    p->resp->set_model_version(plan_.version);
+    p->resp->set_id(p->req->id());
   }
-  {
-    std::lock_guard<std::mutex> g(stats_.mu);
-    stats_.execution_count++;
-    if (st.ok()) stats_.inference_count += total_rows;
-    stats_.last_ms = wall_ms();
-    stats_.batch_size.observe(double(total_rows));
-    stats_.batch_requests.observe(double(batch.size()));
-    stats_.compute_s.observe(double(t3 - t0) * 1e-9);
+  for (size_t i = 0; i < names.size(); ++i) {
+    const TensorSpec& sp = outputs_[first->want[i]];
+    auto info = outs[i].GetTensorTypeAndShapeInfo();
+    auto oshape = info.GetShape();
+    const size_t nbytes = info.GetElementCount() * sp.dt.size;
+    const char* data = static_cast<const char*>(outs[i].GetTensorRawData());
+    const size_t row_bytes = batch.size() > 1 ? nbytes / size_t(total_rows) : 0;
+    size_t off = 0;
+    for (Pending* p : batch) {
+      auto* o = p->resp->add_outputs();
+      o->set_name(sp.name);
+      o->set_datatype(sp.dt.v2);
+      if (batch.size() == 1) {
+        for (int64_t d : oshape) o->add_shape(d);
+        p->resp->add_raw_output_contents()->assign(data, nbytes);
+      } else {
+        o->add_shape(p->rows);
+        for (size_t a = 1; a < oshape.size(); ++a) o->add_shape(oshape[a]);
+        const size_t n = row_bytes * size_t(p->rows);
+        p->resp->add_raw_output_contents()->assign(data + off, n);
+        off += n;
+      }
+    }
   }
-  for (Pending* p : batch) p->done(st);
+  return Status::OK;
 }
 
 }  // namespace bnn

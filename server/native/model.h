@@ -124,7 +124,12 @@ class ModelVersion {
 
  private:
   void worker(int index);
+  // Runs a batch and answers every request of it; never throws.
   void run_batch(Ort::Session& s, std::vector<Pending*>& batch, std::vector<std::vector<char>>& bufs);
+  // run_batch's work: merge, run, split into the responses. May throw; *t1/*t2 are set when
+  // the run starts/ends.
+  Status compute(Ort::Session& s, std::vector<Pending*>& batch, std::vector<std::vector<char>>& bufs,
+                 int64_t total_rows, size_t total_bytes, int64_t* t1, int64_t* t2);
   bool compatible(const Pending* a, const Pending* b) const;
 
   VersionPlan plan_;

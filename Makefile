@@ -42,7 +42,7 @@ serve: install-serve
 # gRPC C++ from Debian and the venv's onnxruntime library. Idempotent: apt-get only for what is
 # missing (needs root then), recompiles only what changed.
 native: install-serve
-	VENV=$(VENV) bash server/native/build.sh
+	VENV=$(abspath $(VENV)) bash server/native/build.sh
 
 serve-native: native
 	$(BNSERVE) serve --frontend native --repo model_repository --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)

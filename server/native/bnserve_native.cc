@@ -7,6 +7,8 @@
 // threads (one per onnxruntime session, model.cc) batch compatible requests, run them and
 // finish the calls. ModelStreamInfer submits every message to the batcher at once (at most
 // kStreamWindow unwritten per stream) and writes responses in completion order.
+// Every method is registered raw (grpc::ByteBuffer in and out, parsed and serialized here; see
+// parse_request) so undecodable request bytes get INVALID_ARGUMENT, as on the Python front end.
 // Also: grpc.health.v1 Health, server reflection, Prometheus text metrics (metrics.cc),
 // graceful drain on SIGTERM/SIGINT.
 
@@ -164,14 +166,62 @@ class Core {
 Core* g_core = nullptr;
 
 // ---------------------------------------------------------------------------------------------
+// Request parsing and response serialization. gRPC C++'s typed callback handlers answer request
+// bytes that do not parse with UNIMPLEMENTED and an empty message; so every method is
+// registered raw and parses here: INVALID_ARGUMENT, saying what was expected (the Python front
+// end's wording, server/servicer.py Undecodable).
+
+// Parses *in into *msg. gRPC owns *in (allocated for this call, never read again by gRPC): the
+// parse reads its slices in place (no copy of the payload) and then releases them (Clear).
+// On failure *msg is cleared (no half-parsed id or model name leaks into the answer).
+template <class M>
+Status parse_request(const grpc::ByteBuffer* in, M* msg) {
+  auto* bb = const_cast<grpc::ByteBuffer*>(in);
+  if (bb != nullptr && bb->Valid()) {
+    const size_t n = bb->Length();
+    if (grpc::SerializationTraits<M>::Deserialize(bb, msg).ok()) return Status::OK;
+    msg->Clear();
+    return Status(StatusCode::INVALID_ARGUMENT,
+                  "request is not a valid " + msg->GetTypeName() + " protobuf message: its " +
+                      std::to_string(n) + " byte(s) do not parse as one (corrupt or truncated "
+                      "wire format, or a string field that is not UTF-8); expected a serialized " +
+                      msg->GetTypeName());
+  }
+  msg->Clear();
+  return Status(StatusCode::INVALID_ARGUMENT, "request is not a valid " + msg->GetTypeName() +
+                                                  " protobuf message: no request message was sent");
+}
+
+// Serializes msg into *out (what gRPC's typed handlers do when they send a response).
+template <class M>
+Status serialize_response(const M& msg, grpc::ByteBuffer* out) {
+  bool own = true;
+  Status st = grpc::SerializationTraits<M>::Serialize(msg, out, &own);
+  if (st.ok()) return st;
+  return Status(StatusCode::RESOURCE_EXHAUSTED,
+                "the " + msg.GetTypeName() + " response cannot be serialized (" +
+                    std::to_string(msg.ByteSizeLong()) + " bytes; at most 2 GiB): ask for fewer "
+                    "rows or outputs");
+}
+
+// ---------------------------------------------------------------------------------------------
 // ModelInfer (unary).
 
 struct UnaryPending final : Pending {
   grpc::ServerUnaryReactor* reactor = nullptr;
+  grpc::ByteBuffer* out = nullptr;  // gRPC's response buffer
+  bool accepted = false;            // entered the server's in-flight count
+  pb::ModelInferRequest own;
+  pb::ModelInferResponse own_resp;
+  UnaryPending() {
+    req = &own;
+    resp = &own_resp;
+  }
   void done(const Status& st) override {
-    g_core->account(this, st.error_code());
-    g_core->leave();  // before the answer leaves: a client reading /metrics after it sees it gone
-    reactor->Finish(st);
+    Status fst = st.ok() ? serialize_response(own_resp, out) : st;
+    g_core->account(this, fst.error_code());
+    if (accepted) g_core->leave();  // before the answer leaves: a client reading /metrics after it sees it gone
+    reactor->Finish(fst);
     delete this;
   }
 };
@@ -182,6 +232,7 @@ struct UnaryPending final : Pending {
 struct StreamPending final : Pending {
   StreamCall* call = nullptr;
   bool accepted = false;  // entered the server's in-flight count
+  grpc::ByteBuffer in_bytes, out_bytes;  // the message as read; the answer as written
   pb::ModelInferRequest own;
   pb::ModelStreamInferResponse out;
   StreamPending() {
@@ -198,7 +249,7 @@ struct StreamPending final : Pending {
 // (where gRPC holds a reference) nothing may touch `this` after Finish(). close() is called with
 // Core::streams_mu held, which OnDone takes before deleting, so close() never sees a dead call.
 class StreamCall final
-    : public grpc::ServerBidiReactor<pb::ModelInferRequest, pb::ModelStreamInferResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   explicit StreamCall(grpc::CallbackServerContext* ctx) : ctx_(ctx) {
     bool closing;
@@ -213,7 +264,7 @@ class StreamCall final
       return;
     }
     next_ = new StreamPending();
-    StartRead(&next_->own);
+    StartRead(&next_->in_bytes);
   }
   ~StreamCall() override { delete next_; }
 
@@ -240,7 +291,10 @@ class StreamCall final
       std::lock_guard<std::mutex> g(mu_);
       window_++;
     }
-    if (!g_core->enter()) {
+    Status pst = parse_request(&p->in_bytes, &p->own);
+    if (!pst.ok()) {  // in-band INVALID_ARGUMENT (empty id), counted under "<unknown>"; read on
+      p->done(pst);
+    } else if (!g_core->enter()) {
       p->mv = g_core->find_quiet(p->own);
       p->done(Status(StatusCode::UNAVAILABLE, kShuttingDown));
     } else {
@@ -252,7 +306,7 @@ class StreamCall final
     if (finished_ || closing_) return;  // no more reads
     if (window_ < kStreamWindow) {
       next_ = new StreamPending();
-      StartRead(&next_->own);
+      StartRead(&next_->in_bytes);
     } else {
       paused_ = true;  // flow control: resumed when a response is written
     }
@@ -271,7 +325,7 @@ class StreamCall final
         outq_.push_back(p);
         if (!writing_) {
           writing_ = true;
-          StartWrite(&outq_.front()->out);
+          StartWrite(&outq_.front()->out_bytes);
         }
       }
     }
@@ -307,7 +361,7 @@ class StreamCall final
         }
       }
       if (!outq_.empty()) {
-        StartWrite(&outq_.front()->out);
+        StartWrite(&outq_.front()->out_bytes);
       } else {
         writing_ = false;
       }
@@ -331,7 +385,7 @@ class StreamCall final
     if (paused_ && window_ < kStreamWindow && !reads_done_ && !finished_ && !closing_) {
       paused_ = false;
       next_ = new StreamPending();
-      StartRead(&next_->own);
+      StartRead(&next_->in_bytes);
     }
   }
   // Whether the call is to be finished now, with *st; if so it is marked finished and the caller
@@ -370,6 +424,13 @@ void StreamPending::done(const Status& st) {
     r->set_model_version(version);
   }
   pb::ModelInferRequest().Swap(&own);  // the request is no longer needed: free it (Clear keeps capacity)
+  Status sst = serialize_response(out, &out_bytes);
+  if (!sst.ok()) {
+    out.Clear();
+    out.set_error_message(std::string("[") + code_name(sst.error_code()) + "] " + sst.error_message());
+    serialize_response(out, &out_bytes);
+  }
+  pb::ModelStreamInferResponse().Swap(&out);  // serialized: free the message
   if (accepted) g_core->leave();  // answered: uncounted before the answer goes to gRPC
   call->deliver(this);
 }
@@ -377,16 +438,30 @@ void StreamPending::done(const Status& st) {
 // ---------------------------------------------------------------------------------------------
 // The service.
 
-class Service final : public pb::GRPCInferenceService::CallbackService {
+using gis = pb::GRPCInferenceService;
+using RawService = gis::WithRawCallbackMethod_ServerLive<gis::WithRawCallbackMethod_ServerReady<
+    gis::WithRawCallbackMethod_ModelReady<gis::WithRawCallbackMethod_ServerMetadata<
+        gis::WithRawCallbackMethod_ModelMetadata<gis::WithRawCallbackMethod_ModelInfer<
+            gis::WithRawCallbackMethod_ModelStreamInfer<gis::WithRawCallbackMethod_ModelConfig<
+                gis::WithRawCallbackMethod_ModelStatistics<gis::WithRawCallbackMethod_RepositoryIndex<
+                    gis::WithRawCallbackMethod_RepositoryModelLoad<
+                        gis::WithRawCallbackMethod_RepositoryModelUnload<gis::Service>>>>>>>>>>>>;
+
+class Service final : public RawService {
  public:
   explicit Service(Core* c) : core_(c) {}
 
-#define UNARY(METHOD, REQ, RESP)                                                           \
-  grpc::ServerUnaryReactor* METHOD(grpc::CallbackServerContext* ctx, const pb::REQ* req,   \
-                                   pb::RESP* resp) override {                              \
-    auto* r = ctx->DefaultReactor();                                                       \
-    r->Finish(do_##METHOD(*req, resp));                                                    \
-    return r;                                                                              \
+#define UNARY(METHOD, REQ, RESP)                                                             \
+  grpc::ServerUnaryReactor* METHOD(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in, \
+                                   grpc::ByteBuffer* out) override {                         \
+    auto* r = ctx->DefaultReactor();                                                         \
+    pb::REQ req;                                                                             \
+    pb::RESP resp;                                                                           \
+    Status st = parse_request(in, &req);                                                     \
+    if (st.ok()) st = do_##METHOD(req, &resp);                                               \
+    if (st.ok()) st = serialize_response(resp, out);                                         \
+    r->Finish(st);                                                                           \
+    return r;                                                                                \
   }
   UNARY(ServerLive, ServerLiveRequest, ServerLiveResponse)
   UNARY(ServerReady, ServerReadyRequest, ServerReadyResponse)
@@ -400,29 +475,31 @@ class Service final : public pb::GRPCInferenceService::CallbackService {
   UNARY(RepositoryModelUnload, RepositoryModelUnloadRequest, RepositoryModelUnloadResponse)
 #undef UNARY
 
-  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx,
-                                       const pb::ModelInferRequest* req,
-                                       pb::ModelInferResponse* resp) override {
+  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in,
+                                       grpc::ByteBuffer* out) override {
     auto* p = new UnaryPending();
     p->t_start = now_ns();
     p->reactor = ctx->DefaultReactor();
-    p->req = req;
-    p->resp = resp;
+    p->out = out;
     p->ctx = ctx;
     auto* r = p->reactor;
-    if (!core_->enter()) {
-      p->mv = core_->find_quiet(*req);
-      core_->account(p, StatusCode::UNAVAILABLE);
-      delete p;
-      r->Finish(Status(StatusCode::UNAVAILABLE, kShuttingDown));
+    Status pst = parse_request(in, &p->own);
+    if (!pst.ok()) {  // counted under "<unknown>" (p->mv is null)
+      p->done(pst);
       return r;
     }
+    if (!core_->enter()) {
+      p->mv = core_->find_quiet(p->own);
+      p->done(Status(StatusCode::UNAVAILABLE, kShuttingDown));
+      return r;
+    }
+    p->accepted = true;
     Status st = core_->submit(p);
     if (!st.ok()) p->done(st);  // p may be gone once queued: do not touch it after submit
     return r;
   }
 
-  grpc::ServerBidiReactor<pb::ModelInferRequest, pb::ModelStreamInferResponse>* ModelStreamInfer(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ModelStreamInfer(
       grpc::CallbackServerContext* ctx) override {
     return new StreamCall(ctx);
   }

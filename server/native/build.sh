@@ -16,6 +16,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 OUT=${OUT:-$REPO/build/native}
 CACHE=${BNSERVE_NATIVE_CACHE:-/var/cache/bnserve/native}
 VENV=${VENV:-$REPO/.venv}
+VENV=$(cd "$VENV" && pwd)  # absolute: the library link below is made from it
 SUITE=${ORT_DEV_SUITE:-trixie}
 
 log() { echo "build.sh: $*" >&2; }

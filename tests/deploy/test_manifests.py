@@ -135,12 +135,14 @@ def test_dockerfile_stages_and_base() -> None:
     assert text.splitlines()[0] == "ARG BASE_IMAGE=python:3.11-slim"
     assert "# syntax=" not in text
     froms = instr("FROM")
-    assert froms[0] == "${BASE_IMAGE} AS build"
-    assert froms[-1] == "${BASE_IMAGE}"
-    assert len(froms) == 2
+    # the venv, the native front end (compilers stay there), the runtime image
+    assert froms == ["${BASE_IMAGE} AS build", "${BASE_IMAGE} AS native", "${BASE_IMAGE}"]
     copies = instr("COPY")
     assert "--from=build /opt/bnserve /opt/bnserve" in copies
+    assert "--from=native /opt/bnserve/native /opt/bnserve/native" in copies
     assert "model_repository/ /models/" in copies
+    # the runtime finds the native binary where the native stage built it
+    assert dockerfile_env()["BNSERVE_NATIVE_BIN"] == "/opt/bnserve/native/bnserve_native"
 
 
 def test_dockerfile_serving_install_only() -> None:

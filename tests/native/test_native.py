@@ -561,3 +561,39 @@ def test_perf_analyzer_runs_against_the_native_front_end(
     assert float(row["Inferences/Second"]) > 0 and int(row["p99 latency"]) > 0, row
     assert "Server:" in out and "Successful request count" in out, out[-3000:]
     assert fails() == fails0
+
+
+def test_undecodable_bytes_get_invalid_argument(server: NativeServer, digits_x: np.ndarray) -> None:
+    """Bytes that are not the method's protobuf message: INVALID_ARGUMENT naming the expected
+    message (gRPC C++ alone would answer UNIMPLEMENTED, no message); on a stream in band, with
+    an empty id, and the stream goes on; counted under model "<unknown>"."""
+    service = "/inference.GRPCInferenceService/"
+    garbage = b"\xff\xff\xff\x07garbage"
+    unknown = {"model": "<unknown>", "code": "INVALID_ARGUMENT"}
+    failures0 = server.metric("bnserve_request_failure_total", **unknown)
+    with grpc.insecure_channel(server.target) as ch:
+        for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+            if method.client_streaming:
+                continue
+            with pytest.raises(grpc.RpcError) as err:
+                ch.unary_unary(service + method.name)(garbage, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method.name
+            details = err.value.details()
+            assert f"not a valid {method.input_type.full_name} protobuf message" in details
+        good = _request(digits_x[:1], rid="good")
+        call = ch.stream_stream(service + "ModelStreamInfer")
+        frames = [garbage, good.SerializeToString()]
+        answers = [
+            pb.ModelStreamInferResponse.FromString(r) for r in call(iter(frames), timeout=30)
+        ]
+        assert len(answers) == 2
+        assert answers[0].error_message.startswith("[INVALID_ARGUMENT]"), answers[0]
+        assert "inference.ModelInferRequest" in answers[0].error_message
+        assert answers[0].infer_response.id == ""
+        assert answers[1].error_message == "" and answers[1].infer_response.id == "good"
+        assert _out(answers[1].infer_response).shape == (1, 10)
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        assert _out(stub.ModelInfer(_request(digits_x[:2]), timeout=10)).shape == (2, 10)
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+    # the unary ModelInfer and the stream message
+    assert server.metric("bnserve_request_failure_total", **unknown) == failures0 + 2

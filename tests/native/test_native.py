@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from oip import infer_request, logits_of, reference_pool
 
 from bnserve.proto import inference_pb2 as pb
 from bnserve.proto import inference_pb2_grpc as pb_grpc
@@ -102,33 +103,11 @@ def digits_x() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pools() -> Iterator[dict[str, SessionPool]]:
-    made = {
-        m: SessionPool(str(BUNDLED / m / "1" / "model.onnx"), instances=1)
-        for m in ("digits", "vol3d")
-    }
-    yield made
-    for p in made.values():
-        p.close()
-
-
-def _request(
-    x: np.ndarray,
-    *,
-    model: str = "digits",
-    name: str = "input",
-    rid: str = "",
-    shape: list[int] | None = None,
-    datatype: str = "FP32",
-) -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name=model, id=rid)
-    req.inputs.add(name=name, datatype=datatype, shape=list(x.shape) if shape is None else shape)
-    req.raw_input_contents.append(np.ascontiguousarray(x).tobytes())
-    return req
-
-
-def _out(resp: pb.ModelInferResponse) -> np.ndarray:
-    o = resp.outputs[0]
-    return np.frombuffer(resp.raw_output_contents[0], dtype=np.float32).reshape(list(o.shape))
+    """In-process onnxruntime on the same files, frozen settings: the reference answers."""
+    sources = {m: reference_pool(m) for m in ("digits", "vol3d")}
+    yield {m: next(source) for m, source in sources.items()}
+    for source in sources.values():
+        source.close()
 
 
 def _vol3d_rows(n: int, seed: int = 0) -> np.ndarray:
@@ -221,11 +200,11 @@ def test_vol3d_unary_and_stream_equal_in_process(stub, pools: dict[str, SessionP
     x = _vol3d_rows(3)
     want = pools["vol3d"].run({"input": x})
     name = next(iter(want))
-    resp = stub.ModelInfer(_request(x, model="vol3d", rid="v"), timeout=60)
-    assert resp.outputs[0].name == name and _out(resp).tobytes() == want[name].tobytes()
-    reqs = [_request(x[i : i + 1], model="vol3d", rid=str(i)) for i in range(3)]
+    resp = stub.ModelInfer(infer_request(x, model="vol3d", request_id="v"), timeout=60)
+    assert resp.outputs[0].name == name and logits_of(resp).tobytes() == want[name].tobytes()
+    reqs = [infer_request(x[i : i + 1], model="vol3d", request_id=str(i)) for i in range(3)]
     got = {
-        r.infer_response.id: _out(r.infer_response)
+        r.infer_response.id: logits_of(r.infer_response)
         for r in stub.ModelStreamInfer(iter(reqs), timeout=60)
     }
     for i in range(3):
@@ -266,9 +245,9 @@ def test_concurrent_mixed_requests_are_batched_and_get_exactly_their_rows(
 
     def call(i: int) -> tuple[int, bytes]:
         x = digits_x[starts[i] : starts[i] + sizes[i]]
-        resp = stub.ModelInfer(_request(x, rid=f"r{i}"), timeout=60)
+        resp = stub.ModelInfer(infer_request(x, request_id=f"r{i}"), timeout=60)
         assert resp.id == f"r{i}"
-        return i, _out(resp).tobytes()
+        return i, logits_of(resp).tobytes()
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as ex:
         results = dict(ex.map(call, range(n)))
@@ -292,27 +271,27 @@ def test_concurrent_mixed_requests_are_batched_and_get_exactly_their_rows(
 BAD = [
     (
         "wrong shape",
-        lambda x: _request(x, shape=[1, 1, 8, 7]),
+        lambda x: infer_request(x, shape=[1, 1, 8, 7]),
         "INVALID_ARGUMENT",
         ["'input'", "[-1, 1, 8, 8]", "[1, 1, 8, 7]"],
     ),
     (
         "wrong datatype",
-        lambda x: _request(x, datatype="FP64"),
+        lambda x: infer_request(x, datatype="FP64"),
         "INVALID_ARGUMENT",
         ["FP32", "FP64"],
     ),
     (
         "unknown input",
-        lambda x: _request(x, name="pixels"),
+        lambda x: infer_request(x, name="pixels"),
         "INVALID_ARGUMENT",
         ["'pixels'", "'input'"],
     ),
-    ("unknown model", lambda x: _request(x, model="nope"), "NOT_FOUND", ["'nope'"]),
-    ("byte count", lambda x: _request(x, shape=[2, 1, 8, 8]), "INVALID_ARGUMENT", ["bytes"]),
+    ("unknown model", lambda x: infer_request(x, model="nope"), "NOT_FOUND", ["'nope'"]),
+    ("byte count", lambda x: infer_request(x, shape=[2, 1, 8, 8]), "INVALID_ARGUMENT", ["bytes"]),
     (
         "batch too big",
-        lambda x: _request(np.zeros((65, 1, 8, 8), np.float32)),
+        lambda x: infer_request(np.zeros((65, 1, 8, 8), np.float32)),
         "INVALID_ARGUMENT",
         ["65", "64"],
     ),
@@ -331,15 +310,15 @@ def test_bad_requests_get_a_status_that_says_what_was_wrong(
         assert fragment in err.value.details(), err.value.details()
     assert server.metric("bnserve_request_failure_total", code=code) == failures0 + 1
     # and the server keeps serving
-    assert _out(stub.ModelInfer(_request(digits_x[:2]), timeout=10)).shape == (2, 10)
+    assert logits_of(stub.ModelInfer(infer_request(digits_x[:2]), timeout=10)).shape == (2, 10)
 
 
 def test_stream_bad_request_in_band_and_stream_goes_on(stub, digits_x: np.ndarray) -> None:
     reqs = [
-        _request(digits_x[:1], rid="0"),
-        _request(digits_x[:1], rid="1", name="wrong"),
-        _request(digits_x[:1], rid="2", model="nope"),
-        _request(digits_x[:2], rid="3"),
+        infer_request(digits_x[:1], request_id="0"),
+        infer_request(digits_x[:1], request_id="1", name="wrong"),
+        infer_request(digits_x[:1], request_id="2", model="nope"),
+        infer_request(digits_x[:2], request_id="3"),
     ]
     answers = {r.infer_response.id: r for r in stub.ModelStreamInfer(iter(reqs), timeout=30)}
     assert sorted(answers) == ["0", "1", "2", "3"]
@@ -352,7 +331,7 @@ def test_stream_bad_request_in_band_and_stream_goes_on(stub, digits_x: np.ndarra
         answers["2"].error_message.startswith("[NOT_FOUND]")
         and "nope" in answers["2"].error_message
     )
-    assert _out(answers["3"].infer_response).shape == (2, 10)
+    assert logits_of(answers["3"].infer_response).shape == (2, 10)
 
 
 def test_repository_control_is_refused_with_the_reason(stub) -> None:
@@ -378,7 +357,7 @@ def test_health_and_metrics_count_what_was_sent(
     ok0 = server.metric("bnserve_request_success_total", model="digits", version="1")
     rows0 = server.metric("bnserve_inference_count_total", model="digits", version="1")
     for k in range(1, 6):
-        stub.ModelInfer(_request(digits_x[:k]), timeout=10)
+        stub.ModelInfer(infer_request(digits_x[:k]), timeout=10)
     assert server.metric("bnserve_request_success_total", model="digits", version="1") == ok0 + 5
     assert server.metric("bnserve_inference_count_total", model="digits", version="1") == rows0 + 15
     assert (
@@ -412,14 +391,14 @@ def test_a_full_queue_refuses_with_unavailable_and_loses_nothing(
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             futures = [
                 stub.ModelInfer.future(
-                    _request(x[i : i + 1], model="vol3d", rid=str(i)), timeout=60
+                    infer_request(x[i : i + 1], model="vol3d", request_id=str(i)), timeout=60
                 )
                 for i in range(32)
             ]
             ok, refused = {}, 0
             for i, f in enumerate(futures):
                 try:
-                    ok[i] = _out(f.result())
+                    ok[i] = logits_of(f.result())
                 except grpc.RpcError as exc:
                     assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
                     assert "queue full" in exc.details()
@@ -462,7 +441,7 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(pools: dict[str, Se
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             futures = [
                 stub.ModelInfer.future(
-                    _request(x[rows * i : rows * (i + 1)], model="vol3d", rid=str(i)),
+                    infer_request(x[rows * i : rows * (i + 1)], model="vol3d", request_id=str(i)),
                     timeout=120,
                 )
                 for i in range(48)
@@ -471,7 +450,7 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(pools: dict[str, Se
             s.proc.send_signal(signal.SIGTERM)
             for i, f in enumerate(futures):
                 try:
-                    results[i] = _out(f.result())
+                    results[i] = logits_of(f.result())
                 except grpc.RpcError as exc:
                     results[i] = exc
             rc = s.proc.wait(60)
@@ -505,7 +484,8 @@ def test_new_calls_during_the_drain_get_unavailable() -> None:
         with grpc.insecure_channel(s.target) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             futures = [
-                stub.ModelInfer.future(_request(x, model="vol3d"), timeout=120) for _ in range(16)
+                stub.ModelInfer.future(infer_request(x, model="vol3d"), timeout=120)
+                for _ in range(16)
             ]
             inflight = _wait_inflight(s, 12)  # >= 11 still queued: >= 1.3 s of drain left
             assert inflight >= 12
@@ -514,7 +494,7 @@ def test_new_calls_during_the_drain_get_unavailable() -> None:
             while not any("draining" in line for line in s.log) and time.monotonic() < deadline:
                 time.sleep(0.01)
             with pytest.raises(grpc.RpcError) as err:
-                stub.ModelInfer(_request(x[:1], model="vol3d"), timeout=30)
+                stub.ModelInfer(infer_request(x[:1], model="vol3d"), timeout=30)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "shutting down" in err.value.details()
             # Each request is 4 MiB: one still uploading at the signal was never accepted and
@@ -522,7 +502,7 @@ def test_new_calls_during_the_drain_get_unavailable() -> None:
             answered = 0
             for f in futures:
                 try:
-                    assert _out(f.result()).shape[0] == 32
+                    assert logits_of(f.result()).shape[0] == 32
                     answered += 1
                 except grpc.RpcError as exc:
                     assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
@@ -580,7 +560,7 @@ def test_undecodable_bytes_get_invalid_argument(server: NativeServer, digits_x: 
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method.name
             details = err.value.details()
             assert f"not a valid {method.input_type.full_name} protobuf message" in details
-        good = _request(digits_x[:1], rid="good")
+        good = infer_request(digits_x[:1], request_id="good")
         call = ch.stream_stream(service + "ModelStreamInfer")
         frames = [garbage, good.SerializeToString()]
         answers = [
@@ -591,9 +571,9 @@ def test_undecodable_bytes_get_invalid_argument(server: NativeServer, digits_x: 
         assert "inference.ModelInferRequest" in answers[0].error_message
         assert answers[0].infer_response.id == ""
         assert answers[1].error_message == "" and answers[1].infer_response.id == "good"
-        assert _out(answers[1].infer_response).shape == (1, 10)
+        assert logits_of(answers[1].infer_response).shape == (1, 10)
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        assert _out(stub.ModelInfer(_request(digits_x[:2]), timeout=10)).shape == (2, 10)
+        assert logits_of(stub.ModelInfer(infer_request(digits_x[:2]), timeout=10)).shape == (2, 10)
         assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
     # the unary ModelInfer and the stream message
     assert server.metric("bnserve_request_failure_total", **unknown) == failures0 + 2

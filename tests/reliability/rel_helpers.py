@@ -1,18 +1,19 @@
-"""Shared by the reliability tests: repositories, request builders, bounded polling, RSS."""
+"""Shared by the reliability tests: repositories, bounded polling, RSS (request builders and
+reference sessions: tests/oip.py, re-exported here)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bnserve.proto import inference_pb2 as pb
-from bnserve.server.model import SessionPool
+from oip import infer_request as infer_request
+from oip import logits_of as logits_of
+from oip import reference_pool as reference_pool
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "model_repository"
@@ -46,34 +47,6 @@ def copy_model(
         (dst / v).mkdir(exist_ok=True)
         shutil.copy(BUNDLED / model / "1" / "model.onnx", dst / v / "model.onnx")
     return dst
-
-
-def reference_pool(model: str) -> Iterator[SessionPool]:
-    """A one-session pool of a bundled model, for the answers requests must match (a fixture
-    body: `yield from reference_pool("digits")`)."""
-    pool = SessionPool(str(BUNDLED / model / "1" / "model.onnx"), instances=1)
-    try:
-        yield pool
-    finally:
-        pool.close()
-
-
-def infer_request(
-    x: np.ndarray,
-    *,
-    model: str = "digits",
-    request_id: str = "",
-    version: str = "",
-) -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name=model, id=request_id, model_version=version)
-    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(np.ascontiguousarray(x, dtype=np.float32).tobytes())
-    return req
-
-
-def logits_of(resp: pb.ModelInferResponse) -> np.ndarray:
-    out = resp.outputs[0]
-    return np.frombuffer(resp.raw_output_contents[0], dtype=np.float32).reshape(list(out.shape))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:

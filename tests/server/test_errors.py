@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from oip_helpers import infer_request, logits_of
+from oip import infer_request, logits_of
 
 from bnserve.proto import inference_pb2 as pb
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from oip_helpers import infer_request, logits_of
+from oip import infer_request, logits_of
 
 from bnserve.proto import inference_pb2 as pb
 from bnserve.proto import inference_pb2_grpc as pb_grpc

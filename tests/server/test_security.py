@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from oip_helpers import infer_request, logits_of
+from oip import infer_request, logits_of
 from pydantic import ValidationError
 
 from bnserve.proto import inference_pb2 as pb

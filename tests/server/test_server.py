@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from oip_helpers import infer_request, logits_of
+from oip import infer_request, logits_of
 
 from bnserve.proto import inference_pb2 as pb
 from bnserve.server.app import App

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from oip_helpers import infer_request
+from oip import infer_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from bnserve.proto import inference_pb2 as pb

@@ -1,0 +1,49 @@
+"""Open Inference Protocol helpers shared by every test folder (tests/ is on sys.path: pytest
+puts the directory of tests/conftest.py there): request builders, output decoding, and the
+in-process reference sessions answers must match."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from bnserve.proto import inference_pb2 as pb
+from bnserve.server.model import SessionPool
+
+BUNDLED = Path(__file__).resolve().parents[1] / "model_repository"
+
+
+def infer_request(
+    x: np.ndarray,
+    *,
+    model: str = "digits",
+    name: str = "input",
+    datatype: str = "FP32",
+    request_id: str = "",
+    version: str = "",
+    shape: list[int] | None = None,
+) -> pb.ModelInferRequest:
+    """One input as raw_input_contents (FP32 data is sent as float32 whatever x's dtype)."""
+    req = pb.ModelInferRequest(model_name=model, id=request_id, model_version=version)
+    req.inputs.add(name=name, datatype=datatype, shape=list(x.shape) if shape is None else shape)
+    data = np.ascontiguousarray(x, dtype=np.float32 if datatype == "FP32" else None)
+    req.raw_input_contents.append(data.tobytes())
+    return req
+
+
+def logits_of(resp: pb.ModelInferResponse) -> np.ndarray:
+    """The first output, FP32, in its shape."""
+    out = resp.outputs[0]
+    return np.frombuffer(resp.raw_output_contents[0], dtype=np.float32).reshape(list(out.shape))
+
+
+def reference_pool(model: str) -> Iterator[SessionPool]:
+    """A one-session pool of a bundled model, for the answers requests must match (a fixture
+    body: `yield from reference_pool("digits")`)."""
+    pool = SessionPool(str(BUNDLED / model / "1" / "model.onnx"), instances=1)
+    try:
+        yield pool
+    finally:
+        pool.close()

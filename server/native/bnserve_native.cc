@@ -5,7 +5,8 @@
 // KServe V2 / Open Inference Protocol over gRPC (proto/inference.proto) with gRPC's callback
 // API: unary handlers validate and queue a request and return; the model version's worker
 // threads (one per onnxruntime session, model.cc) batch compatible requests, run them and
-// finish the calls. ModelStreamInfer submits every message to the batcher at once (at most
+// finish the calls. A cheap model's request (batches under 500 us) with nothing queued and a
+// session free runs inline instead, on the handler's thread, and is answered before it returns. ModelStreamInfer submits every message to the batcher at once (at most
 // kStreamWindow unwritten per stream) and writes responses in completion order.
 // Every method is registered raw (grpc::ByteBuffer in and out, parsed and serialized here; see
 // parse_request) so undecodable request bytes get INVALID_ARGUMENT, as on the Python front end.
@@ -243,7 +244,9 @@ struct StreamPending final : Pending {
 };
 
 // Threads: gRPC runs the reactions (OnReadDone, OnWriteDone, OnDone) on its own threads;
-// deliver() runs on a worker (on main via abort_queued; inside OnReadDone for a refused message)
+// deliver() runs on a worker (on main via abort_queued; inside OnReadDone for a refused message
+// or one run inline, model.cc). OnReadDone starts the next read before it handles its message,
+// so two OnReadDone may overlap; each touches only its own message and state under mu_.
 // and close() on main. Finish() is only ever called with mu_ released: from then on OnDone
 // (scheduled on a gRPC executor thread) may delete this at any moment, so outside a reaction
 // (where gRPC holds a reference) nothing may touch `this` after Finish(). close() is called with
@@ -288,8 +291,20 @@ class StreamCall final
     p->ctx = ctx_;
     p->t_start = now_ns();
     {
+      // Read the next message before this one is handled: a cheap model runs it inline here
+      // (model.cc), and the stream's next messages must not wait for that run to be read (they
+      // go to the other sessions). The next OnReadDone may run concurrently with this one: from
+      // here on this one touches only p (and, through deliver, state under mu_).
       std::lock_guard<std::mutex> g(mu_);
       window_++;
+      if (!finished_ && !closing_) {  // else no more reads
+        if (window_ < kStreamWindow) {
+          next_ = new StreamPending();
+          StartRead(&next_->in_bytes);
+        } else {
+          paused_ = true;  // flow control: resumed when a response is written
+        }
+      }
     }
     Status pst = parse_request(&p->in_bytes, &p->own);
     if (!pst.ok()) {  // in-band INVALID_ARGUMENT (empty id), counted under "<unknown>"; read on
@@ -301,14 +316,6 @@ class StreamCall final
       p->accepted = true;
       Status st = g_core->submit(p);
       if (!st.ok()) p->done(st);
-    }
-    std::lock_guard<std::mutex> g(mu_);
-    if (finished_ || closing_) return;  // no more reads
-    if (window_ < kStreamWindow) {
-      next_ = new StreamPending();
-      StartRead(&next_->in_bytes);
-    } else {
-      paused_ = true;  // flow control: resumed when a response is written
     }
   }
 

@@ -9,6 +9,10 @@ namespace bnn {
 namespace {
 
 constexpr size_t kShrinkInputBytes = 512 * 1024;  // as bnserve's ARENA_KEEP_INPUT_BYTES
+// A model whose batches take less than this (EWMA) runs a lone request on the submitting thread
+// (gRPC's): a hop to a worker would cost more than the run. Before its first run a model is not
+// cheap (the workers measure it).
+constexpr int64_t kInlineNs = 500 * 1000;
 
 bool dtype_of(ONNXTensorElementDataType t, DType* out) {
   switch (t) {
@@ -91,10 +95,10 @@ ModelVersion::ModelVersion(Ort::Env& env, const VersionPlan& plan,
   so.SetExecutionMode(ORT_SEQUENTIAL);
   so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
   so.EnableCpuMemArena();
-  for (int i = 0; i < plan_.instances; ++i)
-    sessions_.push_back(std::make_unique<Ort::Session>(env, plan_.path.c_str(), so));
+  slots_.resize(plan_.instances);
+  for (Slot& slot : slots_) slot.session = std::make_unique<Ort::Session>(env, plan_.path.c_str(), so);
   shrink_.AddConfigEntry("memory.enable_memory_arena_shrinkage", "cpu:0");
-  Ort::Session& s = *sessions_[0];
+  Ort::Session& s = *slots_[0].session;
   Ort::AllocatorWithDefaultOptions alloc;
   for (size_t i = 0; i < s.GetInputCount(); ++i)
     inputs_.push_back(spec(s.GetInputNameAllocated(i, alloc).get(), s.GetInputTypeInfo(i)));
@@ -103,6 +107,10 @@ ModelVersion::ModelVersion(Ort::Env& env, const VersionPlan& plan,
   for (auto& t : inputs_) in_names_.push_back(t.name.c_str());
   for (auto& t : outputs_) out_names_.push_back(t.name.c_str());
   for (auto& t : inputs_) names_ += (names_.empty() ? "'" : ", '") + t.name + "'";
+  for (Slot& slot : slots_) {
+    slot.bufs.resize(inputs_.size());
+    free_.push_back(&slot);
+  }
 }
 
 ModelVersion::~ModelVersion() { stop(); }
@@ -213,6 +221,38 @@ Status ModelVersion::enqueue(Pending* p) {
   p->has_deadline = p->deadline != std::chrono::system_clock::time_point::max();
   if (p->has_deadline && p->deadline <= std::chrono::system_clock::now())
     return Status(StatusCode::DEADLINE_EXCEEDED, "deadline exceeded before the request was queued");
+  Slot* slot = nullptr;  // set: run inline
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    // Inline only when a worker would run it at once too: nothing queued (no overtaking), a free
+    // session, and no queue delay that would have it wait for companions.
+    if (ewma_ns_ >= 0 && ewma_ns_ < kInlineNs && queue_.empty() && !free_.empty() && !stopping_ &&
+        (plan_.delay_us <= 0 || running_ == 0)) {
+      slot = free_.back();
+      free_.pop_back();
+      running_++;
+      p->t_enq = now_ns();
+    }
+  }
+  if (slot) {
+    std::vector<Pending*> batch{p};
+    int64_t ns = 0;
+    if (p->ctx->IsCancelled()) {  // as a worker drops it (the deadline was checked above)
+      p->dequeued = true;
+      p->queue_ns = 0;
+      p->done(Status(StatusCode::CANCELLED, "the client cancelled the request"));
+    } else {
+      ns = run_batch(*slot, batch);  // answers p
+    }
+    bool wake;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      release_locked(slot, ns);
+      wake = !queue_.empty();  // queued meanwhile: a worker takes it on this session
+    }
+    if (wake) cv_.notify_one();
+    return Status::OK;
+  }
   {
     std::lock_guard<std::mutex> g(mu_);
     if ((int64_t)queue_.size() >= plan_.max_queue_size)
@@ -241,7 +281,7 @@ bool ModelVersion::compatible(const Pending* a, const Pending* b) const {
 }
 
 void ModelVersion::start() {
-  for (int i = 0; i < (int)sessions_.size(); ++i) threads_.emplace_back([this, i] { worker(i); });
+  for (size_t i = 0; i < slots_.size(); ++i) threads_.emplace_back([this] { worker(); });
 }
 
 void ModelVersion::abort_queued(const Status& st) {
@@ -265,14 +305,21 @@ void ModelVersion::stop() {
   threads_.clear();
 }
 
-void ModelVersion::worker(int index) {
-  Ort::Session& session = *sessions_[index];
-  std::vector<std::vector<char>> bufs(inputs_.size());  // concatenation buffers, reused
+void ModelVersion::release_locked(Slot* slot, int64_t ns) {
+  free_.push_back(slot);
+  if (ns > 0) ewma_ns_ = ewma_ns_ < 0 ? ns : ewma_ns_ + (ns - ewma_ns_) / 8;
+  running_--;
+  if (running_ == 0 && plan_.delay_us > 0) cv_.notify_all();  // waiters may go now
+}
+
+// As many workers as sessions: a free session always has an idle worker to run queued work
+// (whoever frees one either is that worker, looping, or notifies one).
+void ModelVersion::worker() {
   std::vector<Pending*> batch, dead;
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
-    if (queue_.empty()) {
-      if (stopping_) return;
+    if (queue_.empty() || free_.empty()) {
+      if (stopping_ && queue_.empty()) return;
       cv_.wait(lk);
       continue;
     }
@@ -315,7 +362,12 @@ void ModelVersion::worker(int index) {
       }
     }
     stats_.queue_depth.store((int64_t)queue_.size(), std::memory_order_relaxed);
-    if (!batch.empty()) running_++;
+    Slot* slot = nullptr;
+    if (!batch.empty()) {
+      slot = free_.back();
+      free_.pop_back();
+      running_++;
+    }
     lk.unlock();
     const int64_t t = now_ns();
     for (Pending* p : dead) {
@@ -326,17 +378,15 @@ void ModelVersion::worker(int index) {
       else
         p->done(Status(StatusCode::CANCELLED, "the client cancelled the request"));
     }
-    if (!batch.empty()) run_batch(session, batch, bufs);
+    const int64_t ns = slot ? run_batch(*slot, batch) : 0;
     lk.lock();
-    if (!batch.empty()) {
-      running_--;
-      if (running_ == 0 && plan_.delay_us > 0) cv_.notify_all();  // waiters may go now
-    }
+    if (slot) release_locked(slot, ns);
   }
 }
 
-void ModelVersion::run_batch(Ort::Session& session, std::vector<Pending*>& batch,
-                             std::vector<std::vector<char>>& bufs) {
+int64_t ModelVersion::run_batch(Slot& slot, std::vector<Pending*>& batch) {
+  Ort::Session& session = *slot.session;
+  std::vector<std::vector<char>>& bufs = slot.bufs;
   const int64_t t0 = now_ns();
   int64_t total_rows = 0;
   size_t total_bytes = 0;
@@ -376,6 +426,7 @@ void ModelVersion::run_batch(Ort::Session& session, std::vector<Pending*>& batch
     stats_.compute_s.observe(double(t3 - t0) * 1e-9);
   }
   for (Pending* p : batch) p->done(st);
+  return t3 - t0;
 }
 
 Status ModelVersion::compute(Ort::Session& session, std::vector<Pending*>& batch,

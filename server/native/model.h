@@ -1,5 +1,7 @@
 // A served model version: its onnxruntime sessions, request validation and the dynamic batcher
-// (a bounded queue drained by one worker thread per session).
+// (a bounded queue drained by worker threads, one per session, which share a pool of sessions
+// with the inline path: a cheap model's request runs on the submitting thread when nothing is
+// queued and a session is free).
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -113,8 +115,10 @@ class ModelVersion {
 
   // Validates p->req (messages as the prototype's) and fills p's slot/want/rows/in_bytes.
   Status validate(Pending* p) const;
-  // Queues a validated request; UNAVAILABLE when the queue is full, DEADLINE_EXCEEDED when its
-  // deadline already passed. On error p is not queued (the caller answers it).
+  // Queues a validated request, or runs it at once on the calling thread (answering it before
+  // returning) when the model is cheap (its compute EWMA below kInlineNs), nothing is queued and
+  // a session is free. UNAVAILABLE when the queue is full, DEADLINE_EXCEEDED when its deadline
+  // already passed. On error p is not queued (the caller answers it); on OK p may be gone.
   Status enqueue(Pending* p);
 
   void start();
@@ -123,9 +127,17 @@ class ModelVersion {
   void stop();  // workers finish what is queued, then exit; joins them
 
  private:
-  void worker(int index);
-  // Runs a batch and answers every request of it; never throws.
-  void run_batch(Ort::Session& s, std::vector<Pending*>& batch, std::vector<std::vector<char>>& bufs);
+  // A session and its merge buffers. Taken from free_ (under mu_) for one batch at a time, by a
+  // worker or by the inline path: never two runs on one session at once.
+  struct Slot {
+    std::unique_ptr<Ort::Session> session;
+    std::vector<std::vector<char>> bufs;  // concatenation buffers, reused
+  };
+  void worker();
+  // Returns a slot to the pool after a batch that took `ns` (updates the EWMA). Under mu_.
+  void release_locked(Slot* slot, int64_t ns);
+  // Runs a batch and answers every request of it; never throws. Returns its compute time (ns).
+  int64_t run_batch(Slot& slot, std::vector<Pending*>& batch);
   // run_batch's work: merge, run, split into the responses. May throw; *t1/*t2 are set when
   // the run starts/ends.
   Status compute(Ort::Session& s, std::vector<Pending*>& batch, std::vector<std::vector<char>>& bufs,
@@ -133,7 +145,7 @@ class ModelVersion {
   bool compatible(const Pending* a, const Pending* b) const;
 
   VersionPlan plan_;
-  std::vector<std::unique_ptr<Ort::Session>> sessions_;
+  std::vector<Slot> slots_;  // one per instance; fixed after construction
   Ort::RunOptions plain_, shrink_;
   std::vector<TensorSpec> inputs_, outputs_;
   std::vector<const char*> in_names_, out_names_;
@@ -144,7 +156,9 @@ class ModelVersion {
   std::condition_variable cv_;
   std::deque<Pending*> queue_;
   int64_t queued_rows_ = 0;
-  int running_ = 0;
+  std::vector<Slot*> free_;  // sessions not running a batch
+  int running_ = 0;          // batches running (workers and inline)
+  int64_t ewma_ns_ = -1;     // EWMA of a batch's compute time; -1 before the first run
   bool stopping_ = false;
   std::vector<std::thread> threads_;
   VersionStats stats_;

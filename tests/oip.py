@@ -4,8 +4,10 @@ in-process reference sessions answers must match."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,3 +49,23 @@ def reference_pool(model: str) -> Iterator[SessionPool]:
         yield pool
     finally:
         pool.close()
+
+
+def tritonclient_stream(client: Any, model: str, batches: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Send each batch over one tritonclient stream (request id = its index), wait for every
+    answer (stop_stream), and return the answers by id; any error fails the test."""
+    import tritonclient.grpc as tc
+
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for i, x in enumerate(batches):
+        inp = tc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        client.async_stream_infer(model, [inp], request_id=str(i))
+    client.stop_stream()
+    seen = {}
+    while not answers.empty():
+        result, error = answers.get_nowait()
+        assert error is None, error
+        seen[result.get_response().id] = result
+    return seen

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import queue
 import re
 import shutil
 import signal
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from oip import infer_request, logits_of, reference_pool
+from oip import infer_request, logits_of, reference_pool, tritonclient_stream
 
 from bnserve.proto import inference_pb2 as pb
 from bnserve.proto import inference_pb2_grpc as pb_grpc
@@ -175,24 +174,13 @@ def test_tritonclient_unary_and_stream_equal_in_process(
     )
     assert result.get_response().id == "abc"
 
-    answers: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: answers.put((result, error)))
     n = 60
-    for i in range(n):
-        xi = digits_x[i : i + 1 + i % 3]
-        inp = tc.InferInput("input", list(xi.shape), "FP32")
-        inp.set_data_from_numpy(xi)
-        client.async_stream_infer("digits", [inp], request_id=str(i))
-    client.stop_stream()
-    seen = {}
-    while not answers.empty():
-        result, error = answers.get_nowait()
-        assert error is None
-        seen[result.get_response().id] = result.as_numpy("logits")
+    batches = [digits_x[i : i + 1 + i % 3] for i in range(n)]
+    seen = tritonclient_stream(client, "digits", batches)
     assert sorted(seen, key=int) == [str(i) for i in range(n)]
-    for i in range(n):
-        xi = digits_x[i : i + 1 + i % 3]
-        assert seen[str(i)].tobytes() == pools["digits"].run({"input": xi})["logits"].tobytes()
+    for i, x in enumerate(batches):
+        want = pools["digits"].run({"input": x})["logits"]
+        assert seen[str(i)].as_numpy("logits").tobytes() == want.tobytes()
     client.close()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import queue
 import urllib.request
 
 import grpc
@@ -13,7 +12,7 @@ import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from oip import infer_request, logits_of
+from oip import infer_request, logits_of, tritonclient_stream
 
 from bnserve.proto import inference_pb2 as pb
 from bnserve.server.app import App
@@ -43,24 +42,13 @@ def test_tritonclient_stream_equals_in_process(
     target: str, digits_x: np.ndarray, digits_pool: SessionPool
 ) -> None:
     client = tc.InferenceServerClient(target)
-    answers: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: answers.put((result, error)))
     n = 50
-    for i in range(n):
-        x = digits_x[i : i + 1 + i % 3]
-        inp = tc.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        client.async_stream_infer("digits", [inp], request_id=str(i))
-    client.stop_stream()
-    seen = {}
-    while not answers.empty():
-        result, error = answers.get_nowait()
-        assert error is None
-        seen[result.get_response().id] = result.as_numpy("logits")
+    batches = [digits_x[i : i + 1 + i % 3] for i in range(n)]
+    seen = tritonclient_stream(client, "digits", batches)
     assert sorted(seen, key=int) == [str(i) for i in range(n)]
-    for i in range(n):
-        x = digits_x[i : i + 1 + i % 3]
-        assert seen[str(i)].tobytes() == digits_pool.run({"input": x})["logits"].tobytes()
+    for i, x in enumerate(batches):
+        want = digits_pool.run({"input": x})["logits"]
+        assert seen[str(i)].as_numpy("logits").tobytes() == want.tobytes()
     client.close()
 
 

@@ -113,7 +113,7 @@ def test_scores_clean_low_drifted_high(repo: Path, x_test: np.ndarray, kind: str
             # `bnserve drift` reads the same report from /metrics.
             rows = scrape(f"http://127.0.0.1:{app.metrics_port}/metrics", "digits")
             assert {r.layer: r.score for r in rows} == pytest.approx(scores)
-            assert [r.channels for r in rows] == [32, 64, 64]
+            assert [r.channels for r in rows] == [16, 32, 32]
             assert "features.1" in render(rows, THRESHOLD) and "DRIFT" not in render(
                 rows, THRESHOLD
             )
@@ -123,7 +123,7 @@ def test_scores_clean_low_drifted_high(repo: Path, x_test: np.ndarray, kind: str
         via_grpc = fetch(f"127.0.0.1:{app.port}", "digits")
         assert [r.layer for r in via_grpc] == [ref.layer for ref in monitor.layers]
         assert {r.layer: r.score for r in via_grpc} == pytest.approx(scores)
-        assert [r.channels for r in via_grpc] == [32, 64, 64]
+        assert [r.channels for r in via_grpc] == [16, 32, 32]
         assert {(r.model, r.version, r.samples) for r in via_grpc} == {
             ("digits", "1", monitor.samples)
         }

@@ -558,6 +558,11 @@ class _Unary:
         self._i += 1
         payload, _ = self._ids.next()  # one id per logical request: its retries carry it too
         deadline = t0 + self._timeout
+        if not self._retry.retries:  # one attempt: no retry loop, no closure (a hot path)
+            code = await self._attempt(self._calls[k], payload, deadline)
+            if code is None:
+                self.ok_by_target[k] += 1
+            return code
 
         async def attempt(k: int, made: int) -> str | None:
             return await self._attempt(self._calls[k], payload, deadline)
@@ -739,6 +744,11 @@ class _Streams:
         first = self._slot(self._i % self._n)
         self._i += 1
         payload, sid = self._ids.next()  # one id per logical request: its retries carry it too
+        if not self._retry.retries:  # one attempt: no retry loop, no closure (a hot path)
+            code = first.dead or await self._attempt(first, payload, sid, t0)
+            if code is None:
+                self.ok_by_target[first.target] += 1
+            return code
         deadline = t0 + self._timeout
 
         async def attempt(target: int, made: int) -> str | None:

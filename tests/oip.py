@@ -1,11 +1,12 @@
 """Open Inference Protocol helpers shared by every test folder (tests/ is on sys.path: pytest
-puts the directory of tests/conftest.py there): request builders, output decoding, and the
-in-process reference sessions answers must match."""
+puts the directory of tests/conftest.py there): request builders, output decoding, the
+in-process reference sessions answers must match, and bounded polling."""
 
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,16 @@ from bnserve.proto import inference_pb2 as pb
 from bnserve.server.model import SessionPool
 
 BUNDLED = Path(__file__).resolve().parents[1] / "model_repository"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    """Poll (bounded) until predicate() is true; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while not predicate():
+        assert time.monotonic() < deadline, f"not reached within {timeout} s: {what or predicate}"
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def infer_request(

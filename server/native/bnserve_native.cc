@@ -16,6 +16,7 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpc/support/log.h>
+#include <google/protobuf/stubs/logging.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
 #include <unistd.h>
@@ -610,6 +611,35 @@ void grpc_log(gpr_log_func_args* a) {
   logf(level, "grpc: %s", m.c_str());
 }
 
+// libprotobuf's own lines. It logs an ERROR for every message whose string field is not valid
+// UTF-8 (the parse then fails and the caller gets INVALID_ARGUMENT): a client could flood the
+// log, so at most one line a second goes out, saying how many were left out before it.
+void protobuf_log(google::protobuf::LogLevel level, const char* file, int line,
+                  const std::string& message) {
+  static std::mutex mu;
+  static int64_t last_ns = 0, left_out = 0;
+  const int64_t now = now_ns();
+  int64_t skipped;
+  {
+    std::lock_guard<std::mutex> g(mu);
+    if (last_ns != 0 && now - last_ns < 1000000000) {
+      left_out++;
+      return;
+    }
+    last_ns = now;
+    skipped = left_out;
+    left_out = 0;
+  }
+  std::string m = message;
+  for (char& c : m)
+    if (c == '\n' || c == '\r') c = ' ';
+  int lv = level >= google::protobuf::LOGLEVEL_ERROR     ? kError
+           : level == google::protobuf::LOGLEVEL_WARNING ? kWarning
+                                                         : kInfo;
+  logf(lv, "protobuf: %s (%s:%d; %lld protobuf lines left out since the previous one)",
+       m.c_str(), file, line, (long long)skipped);
+}
+
 [[noreturn]] void die(const std::string& msg) {
   logf(kError, "%s", msg.c_str());
   std::fflush(stderr);
@@ -752,6 +782,7 @@ int main(int argc, char** argv) {
   for (ModelVersion* mv : core.all) mv->start();
 
   gpr_set_log_function(grpc_log);
+  google::protobuf::SetLogHandler(protobuf_log);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   Service service(&core);

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from oip import infer_request, logits_of, reference_pool, tritonclient_stream
+from oip import infer_request, logits_of, reference_pool, tritonclient_stream, wait_for
 
 from bnserve.proto import inference_pb2 as pb
 from bnserve.proto import inference_pb2_grpc as pb_grpc
@@ -547,6 +547,33 @@ def test_perf_analyzer_runs_against_the_native_front_end(
     assert float(row["Inferences/Second"]) > 0 and int(row["p99 latency"]) > 0, row
     assert "Server:" in out and "Successful request count" in out, out[-3000:]
     assert fails() == fails0
+
+
+def test_non_utf8_strings_are_refused_without_flooding_the_log(server: NativeServer) -> None:
+    """A ModelInferRequest whose model_name is not UTF-8 gets INVALID_ARGUMENT, every time;
+    libprotobuf's ERROR line about it reaches the log at most once a second, not per request."""
+    bad = b"\x0a\x02\xff\xfe"  # field 1 (model_name): 2 bytes, not UTF-8
+    n = 300
+    unknown = {"model": "<unknown>", "code": "INVALID_ARGUMENT"}
+    failures0 = server.metric("bnserve_request_failure_total", **unknown)
+    first = len(server.log)
+    t0 = time.monotonic()
+    with grpc.insecure_channel(server.target) as ch:
+        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for _ in range(n):
+            with pytest.raises(grpc.RpcError) as err:
+                call(bad, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid inference.ModelInferRequest" in err.value.details()
+    elapsed = time.monotonic() - t0
+
+    def lines() -> list[str]:
+        return [x for x in server.log[first:] if "protobuf:" in x]
+
+    wait_for(lambda: len(lines()) >= 1, what="libprotobuf's line in the log")
+    assert "UTF-8" in lines()[0], lines()
+    assert len(lines()) <= elapsed + 2, lines()
+    assert server.metric("bnserve_request_failure_total", **unknown) == failures0 + n
 
 
 def test_undecodable_bytes_get_invalid_argument(server: NativeServer, digits_x: np.ndarray) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import numpy as np
 from oip import infer_request as infer_request
 from oip import logits_of as logits_of
 from oip import reference_pool as reference_pool
+from oip import wait_for as wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "model_repository"
@@ -47,16 +46,6 @@ def copy_model(
         (dst / v).mkdir(exist_ok=True)
         shutil.copy(BUNDLED / model / "1" / "model.onnx", dst / v / "model.onnx")
     return dst
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
-    """Poll (bounded) until predicate() is true; AssertionError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while not predicate():
-        assert time.monotonic() < deadline, f"not reached within {timeout} s: {what or predicate}"
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
 
 
 def rss_bytes(pid: int | str = "self") -> int:

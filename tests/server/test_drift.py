@@ -4,12 +4,12 @@ noised, shifted or inverted digits high, layer by layer; off by default."""
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from oip import wait_for
 
 from bnserve import cli
 from bnserve.client.bench import drift_transform
@@ -24,13 +24,6 @@ BUNDLED = Path(__file__).resolve().parents[2] / "model_repository"
 EARLY = ("features.1", "features.4")  # the first two folded BN layers of digits
 THRESHOLD = 0.002  # docs/drift.md: alarm when an early layer's score is above this
 CLEAN_MAX = 0.02  # every layer, clean digits (measured <= 0.004)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def _copy_bundled(tmp_path_factory: pytest.TempPathFactory, model: str) -> Path:

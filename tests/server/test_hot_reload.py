@@ -4,12 +4,11 @@ the old keeps serving; metrics count the refusal."""
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
-from oip import infer_request, logits_of
+from oip import infer_request, logits_of, wait_for
 
 from bnserve.proto import inference_pb2 as pb
 from bnserve.proto import inference_pb2_grpc as pb_grpc
@@ -17,14 +16,6 @@ from bnserve.server.app import serve_in_thread
 from bnserve.server.config import Settings
 
 BUNDLED = Path(__file__).resolve().parents[2] / "model_repository"
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    """Poll (bounded) until predicate() is true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def test_new_version_takes_traffic_and_broken_one_is_refused(tmp_path: Path) -> None:

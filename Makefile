@@ -53,6 +53,7 @@ lint: install-test
 
 typecheck: install-test
 	$(VENV)/bin/mypy $(MYPY_MODULES)
+	$(VENV)/bin/mypy bench/suite.py bench/soak.py
 
 unit: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -61,6 +62,7 @@ test: install-test native
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(MYPY_MODULES)
+	$(VENV)/bin/mypy bench/suite.py bench/soak.py
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Retrain and re-export the bundled models; bit for bit the same files as committed.

@@ -36,9 +36,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -181,10 +181,14 @@ def proc_status_kb(pid: int, key: str) -> int:
 # --- the server -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# Both front ends log "serving MODELS on HOST:PORT (...) in X s" once the port is bound.
+_LOGGED_PORT = re.compile(r" on 127\.0\.0\.1:(\d+) \(")
+
+
+def _logged_port(log_path: Path) -> int | None:
+    """The port a server started with --port 0 bound, once its log says so."""
+    m = _LOGGED_PORT.search(log_path.read_text(errors="replace"))
+    return int(m.group(1)) if m else None
 
 
 def _health_serving(target: str, timeout: float) -> bool:
@@ -231,8 +235,6 @@ def start_server(
     timeout: float = 60.0,
     extra: Sequence[str] = (),
 ) -> Server:
-    port = _free_port()
-    target = f"127.0.0.1:{port}"
     command = [
         sys.executable,
         "-m",
@@ -243,7 +245,7 @@ def start_server(
         "--host",
         "127.0.0.1",
         "--port",
-        str(port),
+        "0",  # the server picks it (no port chosen here and freed for someone else to take)
         "--metrics-port",
         "-1",
     ]
@@ -254,8 +256,10 @@ def start_server(
     t0 = time.perf_counter()
     proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
     log_file.close()
-    server = Server(proc, target, command, log_path, 0.0, None, 0)
+    server = Server(proc, "", command, log_path, 0.0, None, 0)
     while True:
+        if not server.target and (port := _logged_port(log_path)) is not None:
+            server.target = f"127.0.0.1:{port}"
         if proc.poll() is not None:
             raise RuntimeError(
                 f"server exited with {proc.returncode} before ready:\n{server.log_tail()}"
@@ -263,7 +267,7 @@ def start_server(
         if time.perf_counter() - t0 > timeout:
             stop_server(server)
             raise RuntimeError(f"server not SERVING after {timeout:.0f} s:\n{server.log_tail()}")
-        if _health_serving(target, timeout=0.5):
+        if server.target and _health_serving(server.target, timeout=0.5):
             break
         time.sleep(0.01)
     server.ready_s = time.perf_counter() - t0
@@ -1171,12 +1175,12 @@ def render(
     w(header)
     w("|---|---|" + "---|" * len(ORT_BATCHES))
     for model, pts in ort.items():
-        for n in ORT_SESSIONS:
+        for sessions in ORT_SESSIONS:
             cells = []
             for b in ORT_BATCHES:
-                p = next((q for q in pts if q.batch == b and q.sessions == n), None)
+                p = next((q for q in pts if q.batch == b and q.sessions == sessions), None)
                 cells.append("-" if p is None else f"{p.samples_per_s:,.0f}")
-            w(f"| {model} | {n} | " + " | ".join(cells) + " |")
+            w(f"| {model} | {sessions} | " + " | ".join(cells) + " |")
     w("")
     others = [p.other_cpu_pct for pts in ort.values() for p in pts]
     if others:

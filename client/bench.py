@@ -504,20 +504,20 @@ class _Retry:
         self.retried = 0  # re-sends made so far, over every request
         self._rng = random.Random()
 
-    async def run(
+    async def after(
         self,
+        code: str,
         target: int,
         n_targets: int,
         deadline: float,
         attempt: Callable[[int, int], Awaitable[str | None]],
     ) -> tuple[str | None, int]:
-        """attempt(target, retries made) until it succeeds (None) or its code is final; each
-        retry goes to the next target. Returns (None or the final code, the last target)."""
+        """After a first attempt to `target` failed with `code`: attempt(target, retries made)
+        again while the code is retryable, each retry to the next target. Returns (None or the
+        final code, the last target). The first attempt is the caller's own await, so a request
+        that succeeds (or may not be retried) costs no retry frame or closure."""
         made = 0
         while True:
-            code = await attempt(target, made)
-            if code is None:
-                return None, target
             pause = self.pause(code, made, deadline)
             if pause is None:
                 return code, target
@@ -525,6 +525,10 @@ class _Retry:
             made += 1
             self.retried += 1
             target = (target + 1) % n_targets
+            retried = await attempt(target, made)
+            if retried is None:
+                return None, target
+            code = retried
 
     def pause(self, code: str | None, made: int, deadline: float) -> float | None:
         """Seconds to wait before retrying, or None: `code` is final."""
@@ -558,16 +562,13 @@ class _Unary:
         self._i += 1
         payload, _ = self._ids.next()  # one id per logical request: its retries carry it too
         deadline = t0 + self._timeout
-        if not self._retry.retries:  # one attempt: no retry loop, no closure (a hot path)
-            code = await self._attempt(self._calls[k], payload, deadline)
-            if code is None:
-                self.ok_by_target[k] += 1
-            return code
+        code = await self._attempt(self._calls[k], payload, deadline)
+        if code is not None:
 
-        async def attempt(k: int, made: int) -> str | None:
-            return await self._attempt(self._calls[k], payload, deadline)
+            async def attempt(k: int, made: int) -> str | None:
+                return await self._attempt(self._calls[k], payload, deadline)
 
-        code, k = await self._retry.run(k, self._n, deadline, attempt)
+            code, k = await self._retry.after(code, k, self._n, deadline, attempt)
         if code is None:
             self.ok_by_target[k] += 1
         return code
@@ -744,22 +745,20 @@ class _Streams:
         first = self._slot(self._i % self._n)
         self._i += 1
         payload, sid = self._ids.next()  # one id per logical request: its retries carry it too
-        if not self._retry.retries:  # one attempt: no retry loop, no closure (a hot path)
-            code = first.dead or await self._attempt(first, payload, sid, t0)
-            if code is None:
-                self.ok_by_target[first.target] += 1
-            return code
-        deadline = t0 + self._timeout
+        target = first.target
+        code = first.dead or await self._attempt(first, payload, sid, t0)
+        if code is not None:
 
-        async def attempt(target: int, made: int) -> str | None:
-            stream = first if made == 0 else self._on_target(target)
-            if stream is None:
-                return UNAVAILABLE  # no stream to that target for now: fail fast
-            if stream.dead is not None:
-                return stream.dead
-            return await self._attempt(stream, payload, sid, t0)
+            async def attempt(target: int, made: int) -> str | None:
+                stream = self._on_target(target)
+                if stream is None:
+                    return UNAVAILABLE  # no stream to that target for now: fail fast
+                if stream.dead is not None:
+                    return stream.dead
+                return await self._attempt(stream, payload, sid, t0)
 
-        code, target = await self._retry.run(first.target, self._t, deadline, attempt)
+            deadline = t0 + self._timeout
+            code, target = await self._retry.after(code, target, self._t, deadline, attempt)
         if code is None:
             self.ok_by_target[target] += 1
         return code

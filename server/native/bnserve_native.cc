@@ -6,8 +6,10 @@
 // API: unary handlers validate and queue a request and return; the model version's worker
 // threads (one per onnxruntime session, model.cc) batch compatible requests, run them and
 // finish the calls. A cheap model's request (batches under 500 us) with nothing queued and a
-// session free runs inline instead, on the handler's thread, and is answered before it returns. ModelStreamInfer submits every message to the batcher at once (at most
-// kStreamWindow unwritten per stream) and writes responses in completion order.
+// session free runs inline instead, on the handler's thread, and is answered before it returns.
+// ModelStreamInfer handles each message before reading the next (a queued one costs only its
+// submit), holds at most kStreamWindow unwritten per stream and writes responses in completion
+// order.
 // Every method is registered raw (grpc::ByteBuffer in and out, parsed and serialized here; see
 // parse_request) so undecodable request bytes get INVALID_ARGUMENT, as on the Python front end.
 // Also: grpc.health.v1 Health, server reflection, Prometheus text metrics (metrics.cc),
@@ -608,6 +610,13 @@ class Service final : public RawService {
 // ---------------------------------------------------------------------------------------------
 // Start-up.
 
+// A library's log message on one line (newlines become spaces).
+std::string one_line(std::string m) {
+  for (char& c : m)
+    if (c == '\n' || c == '\r') c = ' ';
+  return m;
+}
+
 // gRPC's own log lines, flattened to one line each through logf (errors and warnings; more
 // with log_level DEBUG). Silent while the server starts: a failure there gets our own line.
 std::atomic<bool> g_grpc_quiet{true};
@@ -616,10 +625,7 @@ void grpc_log(gpr_log_func_args* a) {
   int level = a->severity == GPR_LOG_SEVERITY_ERROR ? kError
               : a->severity == GPR_LOG_SEVERITY_INFO ? kInfo : kDebug;
   if (level < kError && g_log_level > kDebug) return;
-  std::string m = a->message ? a->message : "";
-  for (char& c : m)
-    if (c == '\n' || c == '\r') c = ' ';
-  logf(level, "grpc: %s", m.c_str());
+  logf(level, "grpc: %s", one_line(a->message ? a->message : "").c_str());
 }
 
 // libprotobuf's own lines. It logs an ERROR for every message whose string field is not valid
@@ -641,14 +647,11 @@ void protobuf_log(google::protobuf::LogLevel level, const char* file, int line,
     skipped = left_out;
     left_out = 0;
   }
-  std::string m = message;
-  for (char& c : m)
-    if (c == '\n' || c == '\r') c = ' ';
   int lv = level >= google::protobuf::LOGLEVEL_ERROR     ? kError
            : level == google::protobuf::LOGLEVEL_WARNING ? kWarning
                                                          : kInfo;
   logf(lv, "protobuf: %s (%s:%d; %lld protobuf lines left out since the previous one)",
-       m.c_str(), file, line, (long long)skipped);
+       one_line(message).c_str(), file, line, (long long)skipped);
 }
 
 [[noreturn]] void die(const std::string& msg) {

@@ -227,10 +227,9 @@ Status ModelVersion::enqueue(Pending* p) {
     // Inline only when a worker would run it at once too: nothing queued (no overtaking), a free
     // session, and no queue delay that would have it wait for companions.
     if (ewma_ns_ >= 0 && ewma_ns_ < kInlineNs && queue_.empty() && !free_.empty() && !stopping_ &&
-        (plan_.delay_us <= 0 || running_ == 0)) {
+        (plan_.delay_us <= 0 || running_locked() == 0)) {
       slot = free_.back();
       free_.pop_back();
-      running_++;
       p->t_enq = now_ns();
     }
   }
@@ -308,8 +307,7 @@ void ModelVersion::stop() {
 void ModelVersion::release_locked(Slot* slot, int64_t ns) {
   free_.push_back(slot);
   if (ns > 0) ewma_ns_ = ewma_ns_ < 0 ? ns : ewma_ns_ + (ns - ewma_ns_) / 8;
-  running_--;
-  if (running_ == 0 && plan_.delay_us > 0) cv_.notify_all();  // waiters may go now
+  if (running_locked() == 0 && plan_.delay_us > 0) cv_.notify_all();  // waiters may go now
 }
 
 // As many workers as sessions: a free session always has an idle worker to run queued work
@@ -325,7 +323,8 @@ void ModelVersion::worker() {
     }
     // With a queue delay: while another batch runs and fewer rows than worth waiting for are
     // queued, wait (up to the delay after the oldest request's arrival) for more.
-    if (plan_.delay_us > 0 && running_ > 0 && queued_rows_ < combine_target_ && !stopping_) {
+    if (plan_.delay_us > 0 && running_locked() > 0 && queued_rows_ < combine_target_ &&
+        !stopping_) {
       int64_t until = queue_.front()->t_enq + plan_.delay_us * 1000;
       int64_t left = until - now_ns();
       if (left > 0) {
@@ -366,7 +365,6 @@ void ModelVersion::worker() {
     if (!batch.empty()) {
       slot = free_.back();
       free_.pop_back();
-      running_++;
     }
     lk.unlock();
     const int64_t t = now_ns();
@@ -385,8 +383,6 @@ void ModelVersion::worker() {
 }
 
 int64_t ModelVersion::run_batch(Slot& slot, std::vector<Pending*>& batch) {
-  Ort::Session& session = *slot.session;
-  std::vector<std::vector<char>>& bufs = slot.bufs;
   const int64_t t0 = now_ns();
   int64_t total_rows = 0;
   size_t total_bytes = 0;
@@ -400,7 +396,7 @@ int64_t ModelVersion::run_batch(Slot& slot, std::vector<Pending*>& batch) {
   Status st;
   // Whatever goes wrong, every request of the batch gets an answer and the worker goes on.
   try {
-    st = compute(session, batch, bufs, total_rows, total_bytes, &t1, &t2);
+    st = compute(slot, batch, total_rows, total_bytes, &t1, &t2);
   } catch (const Ort::Exception& e) {
     st = Status(StatusCode::INTERNAL, std::string("onnxruntime: ") + e.what());
   } catch (const std::exception& e) {
@@ -408,7 +404,7 @@ int64_t ModelVersion::run_batch(Slot& slot, std::vector<Pending*>& batch) {
   }
   if (t2 < t1) t2 = t1;
   // A merge buffer that grew past the threshold is not kept (as the Python server's arena).
-  for (auto& buf : bufs)
+  for (auto& buf : slot.bufs)
     if (buf.capacity() > kShrinkInputBytes) std::vector<char>().swap(buf);
   const int64_t t3 = now_ns();
   for (Pending* p : batch) {
@@ -429,9 +425,9 @@ int64_t ModelVersion::run_batch(Slot& slot, std::vector<Pending*>& batch) {
   return t3 - t0;
 }
 
-Status ModelVersion::compute(Ort::Session& session, std::vector<Pending*>& batch,
-                             std::vector<std::vector<char>>& bufs, int64_t total_rows,
+Status ModelVersion::compute(Slot& slot, std::vector<Pending*>& batch, int64_t total_rows,
                              size_t total_bytes, int64_t* t1, int64_t* t2) {
+  Ort::Session& session = *slot.session;
   static const Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   const Pending* first = batch[0];
   const size_t nin = inputs_.size();
@@ -448,7 +444,7 @@ Status ModelVersion::compute(Ort::Session& session, std::vector<Pending*>& batch
                                                 inputs_[k].dt.ort));
       continue;
     }
-    std::vector<char>& buf = bufs[k];
+    std::vector<char>& buf = slot.bufs[k];
     size_t need = 0;
     for (Pending* p : batch) {
       size_t n;

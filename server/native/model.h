@@ -140,8 +140,8 @@ class ModelVersion {
   int64_t run_batch(Slot& slot, std::vector<Pending*>& batch);
   // run_batch's work: merge, run, split into the responses. May throw; *t1/*t2 are set when
   // the run starts/ends.
-  Status compute(Ort::Session& s, std::vector<Pending*>& batch, std::vector<std::vector<char>>& bufs,
-                 int64_t total_rows, size_t total_bytes, int64_t* t1, int64_t* t2);
+  Status compute(Slot& slot, std::vector<Pending*>& batch, int64_t total_rows,
+                 size_t total_bytes, int64_t* t1, int64_t* t2);
   bool compatible(const Pending* a, const Pending* b) const;
 
   VersionPlan plan_;
@@ -157,7 +157,8 @@ class ModelVersion {
   std::deque<Pending*> queue_;
   int64_t queued_rows_ = 0;
   std::vector<Slot*> free_;  // sessions not running a batch
-  int running_ = 0;          // batches running (workers and inline)
+  // Batches running (workers and inline): every slot not in free_. Under mu_.
+  size_t running_locked() const { return slots_.size() - free_.size(); }
   int64_t ewma_ns_ = -1;     // EWMA of a batch's compute time; -1 before the first run
   bool stopping_ = false;
   std::vector<std::thread> threads_;

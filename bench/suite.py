@@ -542,6 +542,20 @@ class FrontendResult:
     rss_end_kb: int
     hwm_end_kb: int
     pa_runs: list[PaRun] = field(default_factory=list)
+    # vol3d in-process right before its first server run and right after its last (the server
+    # idle): the references of the vol3d targets, taken under the same machine conditions.
+    ort_before: list[OrtPoint] = field(default_factory=list)
+    ort_after: list[OrtPoint] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a vol3d server run is compared with: in-process onnxruntime on the same file."""
+
+    path: Path
+    model: str
+    configs: list[tuple[int, int]]  # (batch, sessions): batch 1 x 1 session, and the best
+    seconds: float
 
 
 def measure_frontend(
@@ -551,10 +565,16 @@ def measure_frontend(
     d: Durations,
     pa_skipped: str | None,
     pa_stability_pct: float = 25.0,
+    reference: Reference | None = None,
 ) -> FrontendResult:
     """Start the server with `frontend`, drive every run in RUNS, then perf_analyzer's
-    PA_RUNS (when it can run here); the server is stopped (its log kept on failure)."""
+    PA_RUNS (when it can run here); the server is stopped (its log kept on failure). With a
+    reference, its model is also measured in-process just before its first run and just after
+    its last."""
     log_path = _server_log()
+    before: list[OrtPoint] = []
+    after: list[OrtPoint] = []
+    ref_runs = [i for i, run in enumerate(RUNS) if reference and run[0] == reference.model]
     _say(f"starting the server ({frontend} front end)")
     extra = ["--frontend", frontend] if frontend != "python" else []
     server = start_server(repo, log_path, instances, extra=extra)
@@ -565,7 +585,11 @@ def measure_frontend(
         c0, t0 = proc_cpu_s(server.pid), time.perf_counter()
         time.sleep(d.idle_s)
         idle_pct = 100.0 * (proc_cpu_s(server.pid) - c0) / (time.perf_counter() - t0)
-        for model, mode, conc, batch in RUNS:
+        for i, (model, mode, conc, batch) in enumerate(RUNS):
+            if reference is not None and i == ref_runs[0]:
+                before = measure_ort(
+                    reference.path, reference.model, reference.seconds, reference.configs
+                )
             time.sleep(d.settle_s)
             r = run_server_bench(server, model, mode, conc, batch, d)
             runs[r.key] = r
@@ -575,6 +599,10 @@ def measure_frontend(
                 f"{_ms(lat['p50'])} p99 {_ms(lat['p99'])} ms, "
                 f"server CPU {r.server_cpu_ms_per_request:.4f} ms/req, errors {r.result['errors']}"
             )
+            if reference is not None and i == ref_runs[-1]:
+                after = measure_ort(
+                    reference.path, reference.model, reference.seconds, reference.configs
+                )
         rss_end = proc_status_kb(server.pid, "VmRSS")
         hwm_end = proc_status_kb(server.pid, "VmHWM")
         if pa_skipped is None:
@@ -600,7 +628,9 @@ def measure_frontend(
                     )
     finally:
         _stop_keeping_log(server, f"the server ({frontend} front end)")
-    return FrontendResult(frontend, server, runs, idle_pct, rss_end, hwm_end, pa_runs)
+    return FrontendResult(
+        frontend, server, runs, idle_pct, rss_end, hwm_end, pa_runs, before, after
+    )
 
 
 def native_unavailable() -> str | None:
@@ -660,7 +690,7 @@ class OrtPoint:
     batch: int
     sessions: int
     samples_per_s: float
-    cpu_ms_per_sample: float  # process_time over the measurement / samples (all threads)
+    cpu_ms_per_sample: float  # the driving threads' CPU time / samples
     other_cpu_pct: float  # other processes on the machine, % of one core, same window
 
 
@@ -680,66 +710,82 @@ def _drive(
     barrier: threading.Barrier,
     deadline: list[float],
     counts: list[int],
+    cpu_s: list[float],
     i: int,
 ) -> None:
-    """One thread calling its own session back to back until the deadline."""
+    """One thread calling its own session back to back until the deadline; its own CPU time
+    (onnxruntime runs on the calling thread with one intra-op thread) goes to cpu_s[i]."""
     barrier.wait()
+    c0 = time.thread_time()
     k = 0
     while True:
         session.run(None, feeds)
         k += 1
         if time.perf_counter() >= deadline[0]:
             break
+    cpu_s[i] = time.thread_time() - c0
     counts[i] = k
 
 
-def measure_ort(model_path: Path, model: str, seconds: float) -> list[OrtPoint]:
-    """Samples/s for every (batch, sessions), each session driven by its own thread."""
+def measure_ort(
+    model_path: Path,
+    model: str,
+    seconds: float,
+    configs: Sequence[tuple[int, int]] | None = None,
+) -> list[OrtPoint]:
+    """Samples/s for every (batch, sessions) in configs (default: every ORT_BATCHES x
+    ORT_SESSIONS), each session driven by its own thread. CPU a sample is the driving threads'
+    own CPU time: threads this process has for other reasons (gRPC's, once the load tester has
+    run) are not counted."""
     import onnxruntime as ort
 
     from bnserve.server.model import session_options
 
+    if configs is None:
+        configs = [(b, n) for b in ORT_BATCHES for n in ORT_SESSIONS]
     sessions = [
         ort.InferenceSession(str(model_path), session_options(), providers=["CPUExecutionProvider"])
-        for _ in range(max(ORT_SESSIONS))
+        for _ in range(max(n for _, n in configs))
     ]
     points: list[OrtPoint] = []
-    for batch in ORT_BATCHES:
+    warm: set[int] = set()
+    for batch, n in configs:
         feeds = _ort_input(sessions[0], batch)
-        for s in sessions:  # warm-up: the first run allocates
-            s.run(None, feeds)
-        for n in ORT_SESSIONS:
-            counts = [0] * n
-            barrier = threading.Barrier(n + 1)
-            deadline = [0.0]
-
-            threads = [
-                threading.Thread(
-                    target=_drive, args=(sessions[i], feeds, barrier, deadline, counts, i)
-                )
-                for i in range(n)
-            ]
-            for t in threads:
-                t.start()
-            busy0 = system_busy_s()
-            cpu0, t0 = time.process_time(), time.perf_counter()
-            deadline[0] = t0 + seconds
-            barrier.wait()
-            for t in threads:
-                t.join()
-            cpu1, t1 = time.process_time(), time.perf_counter()
-            other = max(0.0, system_busy_s() - busy0 - (cpu1 - cpu0))
-            samples = sum(counts) * batch
-            points.append(
-                OrtPoint(
-                    model=model,
-                    batch=batch,
-                    sessions=n,
-                    samples_per_s=samples / (t1 - t0),
-                    cpu_ms_per_sample=1000.0 * (cpu1 - cpu0) / samples,
-                    other_cpu_pct=100.0 * other / (t1 - t0),
-                )
+        if batch not in warm:  # warm-up: the first run at a shape allocates
+            warm.add(batch)
+            for s in sessions:
+                s.run(None, feeds)
+        counts = [0] * n
+        cpu_s = [0.0] * n
+        barrier = threading.Barrier(n + 1)
+        deadline = [0.0]
+        threads = [
+            threading.Thread(
+                target=_drive, args=(sessions[i], feeds, barrier, deadline, counts, cpu_s, i)
             )
+            for i in range(n)
+        ]
+        for t in threads:
+            t.start()
+        busy0 = system_busy_s()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        deadline[0] = t0 + seconds
+        barrier.wait()
+        for t in threads:
+            t.join()
+        cpu1, t1 = time.process_time(), time.perf_counter()
+        other = max(0.0, system_busy_s() - busy0 - (cpu1 - cpu0))
+        samples = sum(counts) * batch
+        points.append(
+            OrtPoint(
+                model=model,
+                batch=batch,
+                sessions=n,
+                samples_per_s=samples / (t1 - t0),
+                cpu_ms_per_sample=1000.0 * sum(cpu_s) / samples,
+                other_cpu_pct=100.0 * other / (t1 - t0),
+            )
+        )
     return points
 
 
@@ -825,32 +871,53 @@ class Check:
         )
 
 
+def vol3d_reference(
+    ort: dict[str, list[OrtPoint]], around: Sequence[OrtPoint] = ()
+) -> tuple[float | None, float | None, str]:
+    """The vol3d targets' references: in-process CPU a sample (batch 1, 1 session) and the best
+    samples/s, from the measurements around the server's vol3d runs (their mean) when there are
+    any, else from the suite's first in-process table; and a label saying which."""
+    table = ort.get("vol3d", [])
+    best = ort_best(table)
+    if not around or best is None:
+        return ort_cpu_per_sample(table), None if best is None else best.samples_per_s, "start"
+    cpu = [p.cpu_ms_per_sample for p in around if (p.batch, p.sessions) == (1, 1)]
+    sps = [p.samples_per_s for p in around if (p.batch, p.sessions) == (best.batch, best.sessions)]
+    return (
+        statistics.fmean(cpu) if cpu else None,
+        statistics.fmean(sps) if sps else None,
+        "around",
+    )
+
+
 def evaluate(
     runs: dict[str, ServerRun],
     ort: dict[str, list[OrtPoint]],
     server: Server,
     drift: DriftCost | None = None,
+    around: Sequence[OrtPoint] = (),
 ) -> list[Check]:
     checks: list[Check] = []
+    cpu1, best_sps, where = vol3d_reference(ort, around)
+    when = "before and after these runs" if where == "around" else "start of the suite"
     for mode in ("unary", "stream"):
         r = runs.get(f"vol3d {mode} c16")
-        cpu1 = ort_cpu_per_sample(ort.get("vol3d", []))
-        best = ort_best(ort.get("vol3d", []))
         if r is not None and cpu1 is not None:
             checks.append(
                 Check(
-                    f"vol3d c16 {mode}: server CPU a sample / in-process (batch 1, 1 session)",
+                    f"vol3d c16 {mode}: server CPU a sample / in-process (batch 1, 1 session; "
+                    f"{when})",
                     r.server_cpu_ms_per_sample / cpu1,
                     1.08,
                     False,
                     "x",
                 )
             )
-        if r is not None and best is not None:
+        if r is not None and best_sps is not None:
             checks.append(
                 Check(
-                    f"vol3d c16 {mode}: samples/s / in-process best ({best.samples_per_s:,.0f})",
-                    float(r.result["samples_per_s"]) / best.samples_per_s,
+                    f"vol3d c16 {mode}: samples/s / in-process best ({best_sps:,.0f}; {when})",
+                    float(r.result["samples_per_s"]) / best_sps,
                     0.80,
                     True,
                     "x",
@@ -1032,7 +1099,9 @@ def render(
     native: FrontendResult | None = None,
     native_checks: Sequence[Check] = (),
     native_skipped: str | None = None,
+    around: dict[str, tuple[list[OrtPoint], list[OrtPoint]]] | None = None,
 ) -> str:
+    around = around or {}
     out: list[str] = []
     w = out.append
     passed = sum(c.passed for c in checks)
@@ -1201,26 +1270,61 @@ def render(
                 f"{_ms(cpu, '{:.4f}')} ms |"
             )
     w("")
-    w("Server against in-process, per sample:")
+    fronts = [("Python", "", runs, around.get("python", ([], [])))]
+    if native is not None:
+        fronts.append(("native", "native ", native.runs, around.get("native", ([], []))))
+    if any(b or a for *_, (b, a) in fronts):
+        w(
+            "vol3d in-process again, right before each front end's first vol3d run and right "
+            "after its last (the server idle), "
+            f"{2 * durations.ort_s:g} s each: the machine's speed drifts over minutes, so the "
+            "vol3d targets compare each front end with the mean of these two, taken under the "
+            "same conditions. CPU a sample is the driving threads' own CPU time."
+        )
+        w("")
+        w("| front end | batch, sessions | before: samples/s, CPU ms | after: samples/s, CPU ms |")
+        w("|---|---|---|---|")
+        for name, _, _, (before, after) in fronts:
+            for p0 in before:
+                p1 = next(
+                    (q for q in after if (q.batch, q.sessions) == (p0.batch, p0.sessions)), None
+                )
+                w(
+                    f"| {name} | {p0.batch}, {p0.sessions} | {p0.samples_per_s:,.0f}, "
+                    f"{p0.cpu_ms_per_sample:.4f} | "
+                    + (
+                        "-"
+                        if p1 is None
+                        else f"{p1.samples_per_s:,.0f}, {p1.cpu_ms_per_sample:.4f}"
+                    )
+                    + " |"
+                )
+        w("")
+    w(
+        "Server against in-process, per sample (vol3d: against the measurements around its "
+        "runs when there are any; digits: the table above):"
+    )
     w("")
     w(
         "| run | server samples/s | / in-process best | server CPU ms/sample "
         "| / in-process batch 1 |"
     )
     w("|---|---|---|---|---|")
-    labelled = [("", r) for r in runs.values()]
-    if native is not None:
-        labelled += [("native ", r) for r in native.runs.values()]
-    for prefix, r in labelled:
-        best = ort_best(ort.get(r.model, []))
-        cpu = ort_cpu_per_sample(ort.get(r.model, []))
-        if best is None or cpu is None:
-            continue
-        w(
-            f"| {prefix}{r.key} | {r.result['samples_per_s']:,.0f} | "
-            f"{r.result['samples_per_s'] / best.samples_per_s:.2f} | "
-            f"{r.server_cpu_ms_per_sample:.4f} | {r.server_cpu_ms_per_sample / cpu:.2f} |"
-        )
+    for _, prefix, front_runs, (before, after) in fronts:
+        for r in front_runs.values():
+            if r.model == "vol3d":
+                cpu, best_sps, _ = vol3d_reference(ort, before + after)
+            else:
+                best = ort_best(ort.get(r.model, []))
+                cpu = ort_cpu_per_sample(ort.get(r.model, []))
+                best_sps = None if best is None else best.samples_per_s
+            if best_sps is None or cpu is None:
+                continue
+            w(
+                f"| {prefix}{r.key} | {r.result['samples_per_s']:,.0f} | "
+                f"{r.result['samples_per_s'] / best_sps:.2f} | "
+                f"{r.server_cpu_ms_per_sample:.4f} | {r.server_cpu_ms_per_sample / cpu:.2f} |"
+            )
     w("")
     w("## perf_analyzer (Triton's load tester), same server")
     w("")
@@ -1367,8 +1471,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"bench/suite.py: {native_skipped}")
         _say(f"native front end not measured: {native_skipped}")
         frontends.remove("native")
+    # The vol3d targets' references, measured again around each front end's vol3d runs: the
+    # machine's speed drifts over minutes (shared host), so the ratios compare like with like.
+    vol3d_best = ort_best(ort.get("vol3d", []))
+    reference = (
+        None
+        if vol3d_best is None
+        else Reference(
+            path=repo / "vol3d" / "1" / "model.onnx",
+            model="vol3d",
+            configs=sorted({(1, 1), (vol3d_best.batch, vol3d_best.sessions)}),
+            seconds=2 * d.ort_s,
+        )
+    )
     results = {
-        f: measure_frontend(f, repo, args.instances, d, pa_skipped, args.pa_stability)
+        f: measure_frontend(
+            f, repo, args.instances, d, pa_skipped, args.pa_stability, reference=reference
+        )
         for f in frontends
     }
     py = results["python"]
@@ -1410,8 +1529,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 4. the report.
     info["loadavg_end"] = loadavg()
-    checks = evaluate(runs, ort, server, drift)
-    native_checks = evaluate(native.runs, ort, native.server) if native is not None else []
+    checks = evaluate(runs, ort, server, drift, around=py.ort_before + py.ort_after)
+    native_checks = (
+        evaluate(native.runs, ort, native.server, around=native.ort_before + native.ort_after)
+        if native is not None
+        else []
+    )
     sha = info["bnserve_sha"]
     plots = {
         "digits: throughput against concurrency": img_dir / "digits_throughput.png",
@@ -1454,6 +1577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         native=native,
         native_checks=native_checks,
         native_skipped=native_skipped,
+        around={f: (r.ort_before, r.ort_after) for f, r in results.items()},
     )
     out.write_text(text)
     if args.json:
@@ -1472,6 +1596,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     },
                     "runs": [r.summary() for r in runs.values()],
                     "ort": [dataclasses.asdict(p) for pts in ort.values() for p in pts],
+                    "ort_around": {
+                        f: {
+                            "before": [dataclasses.asdict(p) for p in r.ort_before],
+                            "after": [dataclasses.asdict(p) for p in r.ort_after],
+                        }
+                        for f, r in results.items()
+                    },
                     "targets": [{**dataclasses.asdict(c), "passed": c.passed} for c in checks],
                     "perf_analyzer": {
                         "skipped": pa_skipped,

@@ -130,6 +130,22 @@ def test_json_accounts_for_every_run(report, suite) -> None:
         suite.ORT_SESSIONS
     )
     assert all(p["samples_per_s"] > 0 for p in data["ort"])
+    # vol3d again right before and after each front end's vol3d runs: batch 1 x 1 session and
+    # the in-process best's configuration, and the vol3d targets divide by those
+    vol3d = [p for p in data["ort"] if p["model"] == "vol3d"]
+    best = max(vol3d, key=lambda p: p["samples_per_s"])
+    configs = sorted({(1, 1), (best["batch"], best["sessions"])})
+    assert sorted(data["ort_around"]) == ["native", "python"]
+    for front, around in data["ort_around"].items():
+        for when in ("before", "after"):
+            points = around[when]
+            assert [(p["batch"], p["sessions"]) for p in points] == configs, (front, when)
+            assert all(p["model"] == "vol3d" and p["samples_per_s"] > 0 for p in points)
+            assert all(p["cpu_ms_per_sample"] > 0 for p in points)
+    for targets in (data["targets"], data["native"]["targets"]):
+        vol3d_targets = [t for t in targets if t["name"].startswith("vol3d")]
+        assert len(vol3d_targets) == 4
+        assert all("before and after these runs" in t["name"] for t in vol3d_targets)
     assert 0 < data["server"]["ready_s"] < 60
     # drift cost: one pair of servers in --quick, both driven for real
     drift = data["drift_cost"]
@@ -197,3 +213,23 @@ def test_proc_cpu_counts_threads_and_children(suite) -> None:
             subprocess.run(["kill", str(child)], check=False)
         proc.kill()
         proc.wait()
+
+
+def test_vol3d_reference_is_the_mean_around_the_runs(suite) -> None:
+    """The vol3d targets divide by the mean of the measurements taken around the runs (batch 1
+    x 1 session for CPU, the first table's best configuration for samples/s); without any, by
+    the first table."""
+
+    def point(batch: int, sessions: int, sps: float, cpu: float) -> Any:
+        return suite.OrtPoint("vol3d", batch, sessions, sps, cpu, 0.0)
+
+    table = [point(1, 1, 300.0, 3.0), point(4, 2, 600.0, 3.1), point(1, 2, 590.0, 3.2)]
+    ort = {"vol3d": table}
+    assert suite.vol3d_reference(ort) == (3.0, 600.0, "start")
+    around = [point(1, 1, 310.0, 2.9), point(4, 2, 620.0, 3.0)]
+    around += [point(1, 1, 290.0, 3.3), point(4, 2, 580.0, 3.4)]
+    cpu, sps, where = suite.vol3d_reference(ort, around)
+    assert where == "around"
+    assert cpu == pytest.approx(3.1) and sps == pytest.approx(600.0)
+    cpu, sps, _ = suite.vol3d_reference(ort, around[:2])
+    assert cpu == pytest.approx(2.9) and sps == pytest.approx(620.0)

@@ -61,13 +61,15 @@ class Vol3d(nn.Module):
     """(N, 1, 32, 32, 32) float32 -> (N, 3) logits.
 
     Four Conv3d(k=3) + BatchNorm3d + LeakyReLU(0.2) blocks, strides 1,2,2,2, channels
-    16,32,32,64: 32^3 -> 32^3 -> 16^3 -> 8^3 -> 4^3, global average pool, linear head.
+    8,24,32,64: 32^3 -> 32^3 -> 16^3 -> 8^3 -> 4^3, global average pool, linear head.
     BN defaults to TensorFlow's momentum 0.99 (PyTorch 0.01) and PyTorch's eps 1e-5.
+    The widths give the issue's reference workload, about 1.9 ms a sample on one core with
+    onnxruntime (16,32,32,64 took 3.0-3.5 ms; docs/performance-notes.md, round 5).
     """
 
     def __init__(self, *, bn_momentum: float | None = 0.01, bn_eps: float = 1e-5) -> None:
         super().__init__()
-        chans, strides = (16, 32, 32, 64), (1, 2, 2, 2)
+        chans, strides = (8, 24, 32, 64), (1, 2, 2, 2)
         blocks, c_in = [], 1
         for c, s in zip(chans, strides, strict=True):
             blocks.append(_vol_block(c_in, c, s, bn_momentum, bn_eps))

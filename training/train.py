@@ -27,7 +27,7 @@ log = logging.getLogger("bnserve.training")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"epochs": 15, "batch_size": 32, "lr": 2e-3, "recalibrate": False},
     # momentum 0.01 (TF 0.99) lags the weights over ~100 steps: precise BN at the end fixes it.
-    "vol3d": {"epochs": 6, "batch_size": 16, "lr": 2e-3, "recalibrate": True},
+    "vol3d": {"epochs": 8, "batch_size": 16, "lr": 2e-3, "recalibrate": True},
     "mlp": {"epochs": 20, "batch_size": 32, "lr": 2e-3, "recalibrate": False},
 }
 

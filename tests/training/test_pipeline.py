@@ -173,7 +173,7 @@ def test_vol3d_block_and_3d_export(tmp_path: Path) -> None:
     real training run on generated volumes exports with every BN folded."""
     model = build("vol3d")
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm3d)]
-    assert [b.num_features for b in bns] == [16, 32, 32, 64]
+    assert [b.num_features for b in bns] == [8, 24, 32, 64]
     assert all(b.eps == 1e-5 and b.momentum == 0.01 for b in bns)
     assert [m.negative_slope for m in model.modules() if isinstance(m, nn.LeakyReLU)] == [0.2] * 4
     convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]

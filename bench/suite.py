@@ -1237,7 +1237,7 @@ def render(
     w(
         "Samples/s; *n* sessions are driven by *n* threads, each calling its own session "
         "back to back (1 intra-op thread each, ORT_ENABLE_ALL). CPU a sample: "
-        "time.process_time of the suite's process over the measurement / samples."
+        "the driving threads' own CPU time (time.thread_time) over the measurement / samples."
     )
     w("")
     header = "| model | sessions | " + " | ".join(f"batch {b}" for b in ORT_BATCHES) + " |"

@@ -618,6 +618,12 @@ class Repository:
         """Every model seen in the repository, ready or not (sorted)."""
         return sorted(self._models)
 
+    def has_version(self, name: str, version: str) -> bool:
+        """Whether `version` is a version directory of model `name` seen in the repository
+        (in any state)."""
+        m = self._models.get(name)
+        return m is not None and version in m.versions
+
     def ready(self, name: str, version: str = "") -> bool:
         try:
             self.get(name, version)

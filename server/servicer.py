@@ -254,10 +254,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if model is not None:
             name, version = model.name, model.version
         else:
-            # Unknown names share one label value: a client must not grow the series unbounded.
-            known = request.model_name in self._repo.names()
-            name = request.model_name if known else "<unknown>"
-            version = request.model_version if known else ""
+            # Unknown names and unknown versions of a known model share one label value each:
+            # a client must not grow the series unbounded.
+            name, version = request.model_name, request.model_version
+            if name not in self._repo.names():
+                name, version = "<unknown>", ""
+            elif version and not self._repo.has_version(name, version):
+                version = "<unknown>"
         self._metrics.request_done(name, version, code, elapsed)
         if model is not None:
             self._stats.get(name, version).request_done(code == "OK", elapsed)

@@ -53,6 +53,9 @@ const char* code_name(StatusCode c) {
 struct Model {
   std::string name, default_version, versions_list;
   std::map<std::string, std::unique_ptr<ModelVersion>> versions;
+  // Requests naming a version this model does not serve: one series (version "<unknown>"),
+  // so a client cannot grow the metric series with made-up versions.
+  std::unique_ptr<VersionStats> unknown_version;
 };
 
 class StreamCall;
@@ -62,7 +65,8 @@ class Core {
   std::map<std::string, Model> models;
   std::vector<ModelVersion*> all;  // every served version, in plan order
   pb::ServerMetadataResponse server_metadata;
-  VersionStats unknown;  // requests naming no served model version
+  VersionStats unknown;  // requests naming no known model (or not parsed)
+  std::vector<VersionStats*> unknown_all;  // `unknown`, then each model's unknown_version
   std::atomic<bool> accepting{true};
   // Accepted requests not yet answered (the bnserve_inflight_requests gauge): counted once
   // accepted, uncounted just before the answer is handed to gRPC. Refused calls never count.
@@ -113,10 +117,20 @@ class Core {
     return find(r.model_name(), r.model_version(), &st);
   }
 
+  // Where a request that named no served version is counted: its model's "<unknown>" version
+  // when the model is known, else the "<unknown>" model.
+  VersionStats& unknown_for(const Pending* p) {
+    if (p->req != nullptr) {
+      auto it = models.find(p->req->model_name());
+      if (it != models.end()) return *it->second.unknown_version;
+    }
+    return unknown;
+  }
+
   // Counts one request's outcome, once (ModelStatistics and /metrics).
   void account(const Pending* p, StatusCode code) {
     const int64_t dur = now_ns() - p->t_start;
-    VersionStats& s = p->mv ? p->mv->stats() : unknown;
+    VersionStats& s = p->mv ? p->mv->stats() : unknown_for(p);
     std::lock_guard<std::mutex> g(s.mu);
     s.request_s.observe(double(dur) * 1e-9);
     if (p->dequeued) s.queue_s.observe(double(p->queue_ns) * 1e-9);
@@ -775,6 +789,10 @@ int main(int argc, char** argv) {
           m.default_version = kv.first;
       if (!m.versions.count(m.default_version))
         die("bad plan: model " + m.name + ": default_version '" + m.default_version + "' is not among its versions");
+      m.unknown_version = std::make_unique<VersionStats>();
+      m.unknown_version->model = m.name;
+      m.unknown_version->version = "<unknown>";
+      m.unknown_version->init(&plan.latency_buckets, &plan.size_buckets);
       std::string name = m.name;
       core.models.emplace(name, std::move(m));
     }
@@ -784,7 +802,9 @@ int main(int argc, char** argv) {
   if (core.all.empty()) die("bad plan " + plan_path + ": no model versions to serve");
 
   // Metrics endpoint first (a bind failure must not leave a half-started gRPC server).
-  MetricsServer metrics(&core.all, &core.unknown, &core.inflight, &core.accepting);
+  core.unknown_all.push_back(&core.unknown);
+  for (auto& kv : core.models) core.unknown_all.push_back(kv.second.unknown_version.get());
+  MetricsServer metrics(&core.all, &core.unknown_all, &core.inflight, &core.accepting);
   std::string metrics_desc = "off";
   if (plan.metrics_port >= 0) {
     std::string err;

@@ -96,10 +96,12 @@ std::string MetricsServer::render() const {
     snaps.push_back(std::move(x));
   };
   for (ModelVersion* mv : *versions_) take(mv->stats(), true);
-  take(*unknown_, false);
-  bool unknown_used = snaps.back().success || snaps.back().request_s.count;
-  for (uint64_t c : snaps.back().failure) unknown_used = unknown_used || c;
-  if (!unknown_used) snaps.pop_back();
+  for (VersionStats* u : *unknown_) {
+    take(*u, false);
+    bool used = snaps.back().success || snaps.back().request_s.count;
+    for (uint64_t c : snaps.back().failure) used = used || c;
+    if (!used) snaps.pop_back();
+  }
 
   std::string o;
   o.reserve(16384);

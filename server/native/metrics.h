@@ -14,8 +14,10 @@ namespace bnn {
 
 class MetricsServer {
  public:
-  MetricsServer(const std::vector<ModelVersion*>* versions, VersionStats* unknown,
-                const std::atomic<int64_t>* inflight, const std::atomic<bool>* accepting)
+  // unknown: counters of requests that named no served version (rendered once used).
+  MetricsServer(const std::vector<ModelVersion*>* versions,
+                const std::vector<VersionStats*>* unknown, const std::atomic<int64_t>* inflight,
+                const std::atomic<bool>* accepting)
       : versions_(versions), unknown_(unknown), inflight_(inflight), accepting_(accepting) {}
   ~MetricsServer() { stop(); }
   // Binds host:port (0 = ephemeral) and starts the thread; returns the bound port, or -1 with *err.
@@ -28,7 +30,7 @@ class MetricsServer {
   void serve(int fd, int64_t deadline_ns);
 
   const std::vector<ModelVersion*>* versions_;
-  VersionStats* unknown_;
+  const std::vector<VersionStats*>* unknown_;
   const std::atomic<int64_t>* inflight_;
   const std::atomic<bool>* accepting_;
   int fd_ = -1;

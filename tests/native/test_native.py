@@ -319,6 +319,30 @@ def test_bad_requests_get_a_status_that_says_what_was_wrong(
     assert logits_of(stub.ModelInfer(infer_request(digits_x[:2]), timeout=10)).shape == (2, 10)
 
 
+def test_unknown_versions_of_a_known_model_share_one_label(
+    server: NativeServer, stub, digits_x: np.ndarray
+) -> None:
+    """Made-up versions of a served model are counted under version "<unknown>" of that model
+    (as on the Python front end), an unknown model under model "<unknown>": a client cannot
+    grow the metric series."""
+    failures = "bnserve_request_failure_total"
+    digits_unknown = {"model": "digits", "version": "<unknown>", "code": "NOT_FOUND"}
+    nope = {"model": "<unknown>", "version": "", "code": "NOT_FOUND"}
+    before, nope0 = server.metric(failures, **digits_unknown), server.metric(failures, **nope)
+    for version in ("7", "8", "x" * 40):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(infer_request(digits_x[:1], version=version), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert f"'{version}'" in err.value.details()
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(infer_request(digits_x[:1], model="nope", version="3"), timeout=10)
+    assert server.metric(failures, **digits_unknown) == before + 3
+    assert server.metric(failures, **nope) == nope0 + 1
+    text = server.metrics()
+    for version in ("7", "8", "x" * 40):
+        assert f'version="{version}"' not in text
+
+
 def test_stream_bad_request_in_band_and_stream_goes_on(stub, digits_x: np.ndarray) -> None:
     reqs = [
         infer_request(digits_x[:1], request_id="0"),

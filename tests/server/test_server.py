@@ -118,6 +118,27 @@ def test_statistics_and_metrics_move_by_the_right_counts(
     client.close()
 
 
+def test_unknown_versions_of_a_known_model_share_one_label(app: App, stub) -> None:
+    """A client naming versions that do not exist cannot grow the metric series: they are
+    counted under version "<unknown>" of the model; an unknown model under model "<unknown>"."""
+    m = app.metrics
+    failures = "bnserve_request_failure_total"
+    before = m.snapshot(failures, model="digits", version="<unknown>", code="NOT_FOUND")
+    nope0 = m.snapshot(failures, model="<unknown>", version="", code="NOT_FOUND")
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    for version in ("7", "8", "x" * 40):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(infer_request(x, version=version), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert m.snapshot(failures, model="digits", version=version, code="NOT_FOUND") == 0
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(infer_request(x, model="nope", version="3"), timeout=10)
+    assert m.snapshot(failures, model="digits", version="<unknown>", code="NOT_FOUND") == (
+        before + 3
+    )
+    assert m.snapshot(failures, model="<unknown>", version="", code="NOT_FOUND") == nope0 + 1
+
+
 def test_health_and_reflection(target: str) -> None:
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)

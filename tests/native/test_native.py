@@ -67,15 +67,17 @@ class NativeServer(ServerProcess):
             return str(r.read().decode())
 
     def metric(self, name: str, **labels: str) -> float:
-        """One sample's value from the text exposition (0 when absent)."""
+        """The sum of every sample of `name` whose labels include `labels`, from the text
+        exposition (one sample when every label is given; 0 when none matches)."""
+        total = 0.0
         for line in self.metrics().splitlines():
             if not line.startswith(name + "{") and not line.startswith(name + " "):
                 continue
             head, value = line.rsplit(" ", 1)
             found = dict(re.findall(r'(\w+)="([^"]*)"', head))
             if head.split("{")[0] == name and all(found.get(k) == v for k, v in labels.items()):
-                return float(value)
-        return 0.0
+                total += float(value)
+        return total
 
 
 @pytest.fixture(scope="module")

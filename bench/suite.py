@@ -575,6 +575,8 @@ def measure_frontend(
     before: list[OrtPoint] = []
     after: list[OrtPoint] = []
     ref_runs = [i for i, run in enumerate(RUNS) if reference and run[0] == reference.model]
+    if reference is not None and not ref_runs:
+        raise ValueError(f"no run of {reference.model!r} in RUNS to measure the reference around")
     _say(f"starting the server ({frontend} front end)")
     extra = ["--frontend", frontend] if frontend != "python" else []
     server = start_server(repo, log_path, instances, extra=extra)

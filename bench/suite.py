@@ -547,6 +547,11 @@ class FrontendResult:
     ort_before: list[OrtPoint] = field(default_factory=list)
     ort_after: list[OrtPoint] = field(default_factory=list)
 
+    @property
+    def around(self) -> list[OrtPoint]:
+        """Both measurements around the vol3d runs: what evaluate() averages."""
+        return self.ort_before + self.ort_after
+
 
 @dataclass(frozen=True)
 class Reference:
@@ -1531,9 +1536,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 4. the report.
     info["loadavg_end"] = loadavg()
-    checks = evaluate(runs, ort, server, drift, around=py.ort_before + py.ort_after)
+    checks = evaluate(runs, ort, server, drift, around=py.around)
     native_checks = (
-        evaluate(native.runs, ort, native.server, around=native.ort_before + native.ort_after)
+        evaluate(native.runs, ort, native.server, around=native.around)
         if native is not None
         else []
     )

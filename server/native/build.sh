@@ -133,7 +133,7 @@ if ((relink)); then
 # shellcheck disable=SC2046
 g++ ${LDFLAGS:-} -o "$OUT/bnserve_native.tmp" "${objs[@]}" -L "$OUT/lib" -lonnxruntime \
     -Wl,-rpath,"$OUT/lib" -Wl,--no-as-needed -lgrpc++_reflection -Wl,--as-needed \
-    $(pkg-config --libs grpc++ protobuf) -lpthread
+    $(pkg-config --libs grpc++ protobuf) -labsl_synchronization -lpthread
 mv -f "$OUT/bnserve_native.tmp" "$OUT/bnserve_native"
 fi
 step "link"

@@ -78,6 +78,9 @@ PA_SCRIPT = ROOT / "bench" / "perf_analyzer.sh"
 DRIFT_RATE = 0.01
 DRIFT_PAIRS = 5
 DRIFT_LIMIT_PCT = 3.0
+# The native server's onnxruntime workers name their threads so (server/native/model.cc): the
+# CPU they spend is the model's, the rest of the server's is gRPC's, parsing and replies.
+ORT_THREAD = "bnn-ort"
 # The front ends measured (`bnserve serve --frontend F`); native only when it is built.
 DEFAULT_FRONTENDS = "python,native"
 ORT_MODELS = ("digits", "vol3d")
@@ -157,6 +160,21 @@ def proc_cpu_s(pid: int) -> float:
             # fields 14-17 (utime, stime, cutime, cstime); f[0] is field 3
             ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
     return ticks / CLK_TCK
+
+
+def threads_cpu_s(pid: int, comm: str) -> float | None:
+    """CPU seconds (utime + stime) of pid's live threads named `comm`; None if it has none."""
+    ticks, found = 0, False
+    with contextlib.suppress(OSError):
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                if Path(task.path, "comm").read_text().rstrip("\n") != comm:
+                    continue
+                raw = Path(task.path, "stat").read_text()
+                f = raw[raw.rindex(")") + 2 :].split()
+                ticks += int(f[11]) + int(f[12])
+                found = True
+    return ticks / CLK_TCK if found else None
 
 
 def system_busy_s() -> float:
@@ -326,6 +344,9 @@ class ServerRun:
     wall_s: float  # the CPU window
     other_cpu_s: float  # every other process on the machine, same window
     sent: int  # requests the run sent: window + warm-up (the CPU denominator)
+    # Of server_cpu_s, what its onnxruntime worker threads spent (ORT_THREAD; None: the server
+    # has no such threads). A request run inline on a gRPC thread is not in it.
+    ort_cpu_s: float | None = None
 
     @property
     def samples_sent(self) -> int:
@@ -342,6 +363,19 @@ class ServerRun:
     @property
     def client_cpu_ms_per_request(self) -> float:
         return 1000.0 * self.client_cpu_s / max(1, self.sent)
+
+    @property
+    def ort_cpu_ms_per_sample(self) -> float | None:
+        if self.ort_cpu_s is None:
+            return None
+        return 1000.0 * self.ort_cpu_s / max(1, self.samples_sent)
+
+    @property
+    def rest_cpu_ms_per_request(self) -> float | None:
+        """The server's CPU outside its onnxruntime workers, a request."""
+        if self.ort_cpu_s is None:
+            return None
+        return 1000.0 * (self.server_cpu_s - self.ort_cpu_s) / max(1, self.sent)
 
     @property
     def key(self) -> str:
@@ -365,6 +399,8 @@ class ServerRun:
             "server_cpu_ms_per_request": round(self.server_cpu_ms_per_request, 4),
             "server_cpu_ms_per_sample": round(self.server_cpu_ms_per_sample, 4),
             "client_cpu_ms_per_request": round(self.client_cpu_ms_per_request, 4),
+            "ort_workers_cpu_ms_per_sample": _round(self.ort_cpu_ms_per_sample, 4),
+            "rest_of_server_cpu_ms_per_request": _round(self.rest_cpu_ms_per_request, 4),
             "cpu_window_s": round(self.wall_s, 3),
             "other_processes_cpu_s": round(self.other_cpu_s, 3),
         }
@@ -389,9 +425,11 @@ def run_server_bench(
     # the tail (requests sent in the window, answered after it). Every inference request sent
     # in it is in requests + warmup_requests, so that is the denominator.
     busy0 = system_busy_s()
+    ort0 = threads_cpu_s(server.pid, ORT_THREAD)
     cpu0, client0, t0 = proc_cpu_s(server.pid), time.process_time(), time.perf_counter()
     res = run_bench(config)
     cpu1, client1, t1 = proc_cpu_s(server.pid), time.process_time(), time.perf_counter()
+    ort1 = threads_cpu_s(server.pid, ORT_THREAD)
     busy1 = system_busy_s()
     if server.proc.poll() is not None:
         raise RuntimeError(f"server died during {model} {mode} c{concurrency}")
@@ -407,6 +445,7 @@ def run_server_bench(
         wall_s=t1 - t0,
         other_cpu_s=max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (client1 - client0)),
         sent=res.requests + res.warmup_requests,
+        ort_cpu_s=None if ort0 is None or ort1 is None else ort1 - ort0,
     )
 
 
@@ -897,6 +936,19 @@ def vol3d_reference(
     )
 
 
+def vol3d_best_cpu(
+    ort: dict[str, list[OrtPoint]], around: Sequence[OrtPoint]
+) -> tuple[OrtPoint | None, float | None]:
+    """The in-process best configuration of vol3d (the suite's first table) and its CPU a
+    sample, the mean of the measurements around a front end's vol3d runs (None without any)."""
+    best = ort_best(ort.get("vol3d", []))
+    if best is None:
+        return None, None
+    at = (best.batch, best.sessions)
+    cpu = [p.cpu_ms_per_sample for p in around if (p.batch, p.sessions) == at]
+    return best, statistics.fmean(cpu) if cpu else None
+
+
 def evaluate(
     runs: dict[str, ServerRun],
     ort: dict[str, list[OrtPoint]],
@@ -1062,6 +1114,10 @@ def plot_latency_cdf(runs: dict[str, ServerRun], path: Path, sha: str) -> None:
 
 def _ms(v: float | None, fmt: str = "{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
+
+
+def _round(v: float | None, digits: int) -> float | None:
+    return None if v is None else round(v, digits)
 
 
 def _runs_table(w: Any, runs: dict[str, ServerRun]) -> None:
@@ -1333,6 +1389,47 @@ def render(
                 f"{r.server_cpu_ms_per_sample:.4f} | {r.server_cpu_ms_per_sample / cpu:.2f} |"
             )
     w("")
+    split = [
+        (prefix, r, before + after)
+        for _, prefix, front_runs, (before, after) in fronts
+        for r in front_runs.values()
+        if r.model == "vol3d" and r.ort_cpu_s is not None
+    ]
+    if split:
+        best, _ = vol3d_best_cpu(ort, split[0][2])
+        w(
+            "Where a vol3d sample's CPU goes, for a server whose onnxruntime workers are named "
+            f"threads (`{ORT_THREAD}`: the native front end; from /proc/PID/task over the same "
+            "window): the workers' CPU a sample, against in-process onnxruntime's at its best "
+            + (f"configuration (batch {best.batch}, {best.sessions} sessions; " if best else "(")
+            + "the mean of the measurements before and after the runs); the rest of the server "
+            "(gRPC's threads: reading, parsing, replies) and the load tester, a request (one "
+            "sample each). With every core busy, samples/s / in-process best comes to about "
+            "in-process / (workers + rest + load tester): the last column."
+        )
+        w("")
+        w(
+            "| run | samples/s / in-process best | workers ms/sample | in-process ms/sample "
+            "| workers / in-process | rest of the server ms/request | load tester ms/request "
+            "| in-process / (workers + rest + load tester) |"
+        )
+        w("|---|---|---|---|---|---|---|---|")
+        for prefix, r, pts in split:
+            _, best_sps, _ = vol3d_reference(ort, pts)
+            _, cpu_best = vol3d_best_cpu(ort, pts)
+            ort_ms, rest_ms = r.ort_cpu_ms_per_sample, r.rest_cpu_ms_per_request
+            client_ms = r.client_cpu_ms_per_request
+            whole = None if ort_ms is None or rest_ms is None else ort_ms + rest_ms + client_ms
+            w(
+                f"| {prefix}{r.key} | "
+                + (f"{r.result['samples_per_s'] / best_sps:.3f}" if best_sps else "-")
+                + f" | {_ms(ort_ms, '{:.4f}')} | {_ms(cpu_best, '{:.4f}')} | "
+                + (f"{ort_ms / cpu_best:.3f}" if ort_ms and cpu_best else "-")
+                + f" | {_ms(rest_ms, '{:.4f}')} | {client_ms:.4f} | "
+                + (f"{cpu_best / whole:.3f}" if cpu_best and whole else "-")
+                + " |"
+            )
+        w("")
     w("## perf_analyzer (Triton's load tester), same server")
     w("")
     if pa_skipped:

@@ -1,5 +1,7 @@
 #include "model.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -8,6 +10,7 @@ namespace bnn {
 
 namespace {
 
+constexpr const char* kWorkerThreadName = "bnn-ort";  // bench/suite.py ORT_THREAD
 constexpr size_t kShrinkInputBytes = 512 * 1024;  // as bnserve's ARENA_KEEP_INPUT_BYTES
 // A model whose batches take less than this (EWMA) runs a lone request on the submitting thread
 // (gRPC's): a hop to a worker would cost more than the run. Before its first run a model is not
@@ -313,6 +316,9 @@ void ModelVersion::release_locked(Slot* slot, int64_t ns) {
 // As many workers as sessions: a free session always has an idle worker to run queued work
 // (whoever frees one either is that worker, looping, or notifies one).
 void ModelVersion::worker() {
+  // Named, so the CPU spent in onnxruntime runs can be told from gRPC's in /proc/PID/task
+  // (bench/suite.py's split of the server's CPU).
+  pthread_setname_np(pthread_self(), kWorkerThreadName);
   std::vector<Pending*> batch, dead;
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {

@@ -100,6 +100,14 @@ def test_report_has_every_section_and_table(report, suite) -> None:
     for name in ("grpcio", "onnxruntime", "numpy", "python", "bnserve"):
         assert f"| {name} |" in md
     assert "4,040 req/s" in md and "5,472 req/s" in md  # peers
+    # where a native vol3d sample's CPU goes: one row per native vol3d run
+    assert "| run | samples/s / in-process best | workers ms/sample |" in md
+    for model, mode, conc, _ in suite.RUNS:
+        if model == "vol3d":
+            rows = [
+                ln for ln in md.splitlines() if ln.startswith(f"| native vol3d {mode} c{conc} |")
+            ]
+            assert len(rows) == 2, rows  # the table against in-process, and this one
 
 
 def test_plots_exist_and_are_linked(report) -> None:
@@ -173,6 +181,14 @@ def test_json_accounts_for_every_run(report, suite) -> None:
     ]
     for r in native["runs"]:
         assert r["requests"] > 0 and r["errors"] == 0, r
+        # the server's CPU split: its onnxruntime workers (named threads) and the rest
+        ort_ms, rest_ms = r["ort_workers_cpu_ms_per_sample"], r["rest_of_server_cpu_ms_per_request"]
+        assert ort_ms is not None and rest_ms is not None and rest_ms > 0, r
+        assert ort_ms + rest_ms == pytest.approx(r["server_cpu_ms_per_request"], abs=2e-3), r
+        if r["model"] == "vol3d":  # queued at c16 behind two sessions: the workers run it
+            assert ort_ms > 0, r
+    # the Python front end's workers are not named threads: no split
+    assert all(r["ort_workers_cpu_ms_per_sample"] is None for r in runs)
     assert len(native["targets"]) == 14 and 0 < native["ready_s"] < 60
     if pa["skipped"] is None:
         assert [(r["mode"], r["concurrency"]) for r in native["perf_analyzer"]] == [
@@ -213,6 +229,48 @@ def test_proc_cpu_counts_threads_and_children(suite) -> None:
             subprocess.run(["kill", str(child)], check=False)
         proc.kill()
         proc.wait()
+
+
+def test_threads_cpu_counts_the_named_threads_only(suite) -> None:
+    """The split of the server's CPU reads its threads by name: a thread named so that burns
+    0.3 s is counted, the rest of the process is not, and a name no thread has gives None."""
+    burn = (
+        "import ctypes, threading, time\n"
+        "def spin(name, s):\n"
+        "    ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME: this thread's comm\n"
+        "    t = time.thread_time()\n"
+        "    while time.thread_time() - t < s: pass\n"
+        "    time.sleep(30)\n"
+        "a = threading.Thread(target=spin, args=(b'bnn-test', 0.3), daemon=True); a.start()\n"
+        "b = threading.Thread(target=spin, args=(b'other', 0.3), daemon=True); b.start()\n"
+        "t = time.process_time()\n"
+        "while time.process_time() - t < 0.9: pass\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        named = suite.threads_cpu_s(proc.pid, "bnn-test")
+        assert named is not None and 0.28 <= named < 0.6
+        assert suite.proc_cpu_s(proc.pid) >= named + 0.5  # the other thread and main burned too
+        assert suite.threads_cpu_s(proc.pid, "bnn-none") is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_vol3d_best_cpu_is_the_mean_at_the_best_configuration(suite) -> None:
+    def point(batch: int, sessions: int, sps: float, cpu: float) -> Any:
+        return suite.OrtPoint("vol3d", batch, sessions, sps, cpu, 0.0)
+
+    ort = {"vol3d": [point(1, 1, 300.0, 3.0), point(4, 2, 600.0, 3.1)]}
+    around = [point(1, 1, 310.0, 2.9), point(4, 2, 620.0, 2.8), point(4, 2, 580.0, 3.2)]
+    best, cpu = suite.vol3d_best_cpu(ort, around)
+    assert (best.batch, best.sessions) == (4, 2) and cpu == pytest.approx(3.0)
+    assert suite.vol3d_best_cpu(ort, []) == (best, None)
+    assert suite.vol3d_best_cpu({}, around) == (None, None)
 
 
 def test_vol3d_reference_is_the_mean_around_the_runs(suite) -> None:

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 
 namespace bnn {
@@ -27,6 +28,9 @@ bool dtype_of(ONNXTensorElementDataType t, DType* out) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: *out = {"INT16", pb::TYPE_INT16, 2, t}; return true;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: *out = {"INT8", pb::TYPE_INT8, 1, t}; return true;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: *out = {"UINT8", pb::TYPE_UINT8, 1, t}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: *out = {"UINT16", pb::TYPE_UINT16, 2, t}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: *out = {"UINT32", pb::TYPE_UINT32, 4, t}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: *out = {"UINT64", pb::TYPE_UINT64, 8, t}; return true;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: *out = {"BOOL", pb::TYPE_BOOL, 1, t}; return true;
     default: return false;
   }
@@ -57,16 +61,122 @@ TensorSpec spec(const char* name, const Ort::TypeInfo& ti) {
 
 Status bad(const std::string& m) { return Status(StatusCode::INVALID_ARGUMENT, m); }
 
-// The bytes of request input i (raw_input_contents, or FP32 typed contents).
-const char* input_bytes(const pb::ModelInferRequest& r, int i, size_t* n) {
+static_assert(sizeof(bool) == 1, "onnxruntime's BOOL is one byte, as protobuf's repeated bool");
+
+template <class T>
+const char* bytes_of(const google::protobuf::RepeatedField<T>& v, size_t* n) {
+  *n = size_t(v.size()) * sizeof(T);
+  return reinterpret_cast<const char*>(v.data());
+}
+
+// The bytes of request input i of datatype dt: its raw_input_contents entry, its narrowed typed
+// values, or its typed contents member itself (their layout is the tensor's: little-endian
+// arrays of the element type).
+const char* input_bytes(const Pending& p, int i, const DType& dt, size_t* n) {
+  const pb::ModelInferRequest& r = *p.req;
   if (r.raw_input_contents_size()) {
     const std::string& s = r.raw_input_contents(i);
     *n = s.size();
     return s.data();
   }
-  const auto& v = r.inputs(i).contents().fp32_contents();
-  *n = size_t(v.size()) * 4;
-  return reinterpret_cast<const char*>(v.data());
+  if (size_t(i) < p.narrowed.size() && !p.narrowed[i].empty()) {
+    *n = p.narrowed[i].size();
+    return p.narrowed[i].data();
+  }
+  const pb::InferTensorContents& c = r.inputs(i).contents();
+  switch (dt.cfg) {
+    case pb::TYPE_BOOL: return bytes_of(c.bool_contents(), n);
+    case pb::TYPE_INT32: return bytes_of(c.int_contents(), n);
+    case pb::TYPE_INT64: return bytes_of(c.int64_contents(), n);
+    case pb::TYPE_UINT32: return bytes_of(c.uint_contents(), n);
+    case pb::TYPE_UINT64: return bytes_of(c.uint64_contents(), n);
+    case pb::TYPE_FP64: return bytes_of(c.fp64_contents(), n);
+    default: return bytes_of(c.fp32_contents(), n);  // validate() admits no other
+  }
+}
+
+// KServe's typed contents: the member carrying each datatype (FP16 has none), as the Python
+// front end's codec (server/codec.py) has it, messages included.
+const char* contents_member(pb::DataType t) {
+  switch (t) {
+    case pb::TYPE_BOOL: return "bool_contents";
+    case pb::TYPE_UINT8:
+    case pb::TYPE_UINT16:
+    case pb::TYPE_UINT32: return "uint_contents";
+    case pb::TYPE_UINT64: return "uint64_contents";
+    case pb::TYPE_INT8:
+    case pb::TYPE_INT16:
+    case pb::TYPE_INT32: return "int_contents";
+    case pb::TYPE_INT64: return "int64_contents";
+    case pb::TYPE_FP32: return "fp32_contents";
+    case pb::TYPE_FP64: return "fp64_contents";
+    default: return nullptr;
+  }
+}
+
+// How many values each member holds, in the (sorted) order the Python front end names them.
+std::vector<std::pair<std::string, int>> member_sizes(const pb::InferTensorContents& c) {
+  return {{"bool_contents", c.bool_contents_size()},   {"bytes_contents", c.bytes_contents_size()},
+          {"fp32_contents", c.fp32_contents_size()},   {"fp64_contents", c.fp64_contents_size()},
+          {"int64_contents", c.int64_contents_size()}, {"int_contents", c.int_contents_size()},
+          {"uint64_contents", c.uint64_contents_size()}, {"uint_contents", c.uint_contents_size()}};
+}
+
+// Narrows 32-bit typed values into T, or says which range they left.
+template <class T, class W>
+Status narrow_into(const std::string& name, const google::protobuf::RepeatedField<W>& v,
+                   const char* member, const char* dt, std::string* out) {
+  const W lo = W(std::numeric_limits<T>::min()), hi = W(std::numeric_limits<T>::max());
+  out->resize(size_t(v.size()) * sizeof(T));
+  T* o = reinterpret_cast<T*>(out->data());
+  for (int j = 0; j < v.size(); ++j) {
+    if (v.Get(j) < lo || v.Get(j) > hi) {
+      out->clear();
+      return bad("input '" + name + "': values in contents." + member + " out of range for " +
+                 dt + " [" + std::to_string(int64_t(lo)) + ", " + std::to_string(int64_t(hi)) +
+                 "]");
+    }
+    o[j] = T(v.Get(j));
+  }
+  return Status::OK;
+}
+
+// Checks request input i's typed contents against its tensor (count values of sp's datatype)
+// and narrows them when the wire type is wider.
+Status check_typed(Pending* p, int i, const TensorSpec& sp, int64_t count) {
+  const auto& t = p->req->inputs(i);
+  const char* member = contents_member(sp.dt.cfg);
+  if (member == nullptr)
+    return bad("input '" + t.name() + "': datatype " + sp.dt.v2 +
+               " has no typed contents field; send it in raw_input_contents");
+  int have = 0;
+  std::string other;
+  for (const auto& [m, size] : member_sizes(t.contents())) {
+    if (m == member) have = size;
+    else if (size && other.empty()) other = m;
+  }
+  if (have != count) {
+    if (have == 0 && !other.empty())
+      return bad("input '" + t.name() + "': datatype " + sp.dt.v2 + " takes its values in contents." +
+                 member + ", got contents." + other);
+    return bad("input '" + t.name() + "': expected " + std::to_string(count) +
+               " values in contents." + member + " for shape " +
+               fmt_shape(t.shape().data(), t.shape_size()) + ", got " + std::to_string(have));
+  }
+  const auto& c = t.contents();
+  std::string* out = nullptr;
+  if (sp.dt.cfg == pb::TYPE_INT8 || sp.dt.cfg == pb::TYPE_INT16 || sp.dt.cfg == pb::TYPE_UINT8 ||
+      sp.dt.cfg == pb::TYPE_UINT16) {
+    if (p->narrowed.size() < size_t(p->req->inputs_size())) p->narrowed.resize(p->req->inputs_size());
+    out = &p->narrowed[i];
+  }
+  switch (sp.dt.cfg) {
+    case pb::TYPE_INT8: return narrow_into<int8_t>(t.name(), c.int_contents(), member, sp.dt.v2, out);
+    case pb::TYPE_INT16: return narrow_into<int16_t>(t.name(), c.int_contents(), member, sp.dt.v2, out);
+    case pb::TYPE_UINT8: return narrow_into<uint8_t>(t.name(), c.uint_contents(), member, sp.dt.v2, out);
+    case pb::TYPE_UINT16: return narrow_into<uint16_t>(t.name(), c.uint_contents(), member, sp.dt.v2, out);
+    default: return Status::OK;
+  }
 }
 
 }  // namespace
@@ -131,6 +241,7 @@ Status ModelVersion::validate(Pending* p) const {
     return bad("expected " + std::to_string(inputs_.size()) + " input(s) " + names_ + ", got " +
                std::to_string(n));
   p->slot.assign(inputs_.size(), -1);
+  p->narrowed.clear();
   int64_t batch = -1;
   size_t in_bytes = 0;
   for (int i = 0; i < n; ++i) {
@@ -188,15 +299,8 @@ Status ModelVersion::validate(Pending* p) const {
                    " bytes for shape " + fmt_shape(t.shape().data(), t.shape_size()) +
                    " and datatype " + sp.dt.v2 + ", got " + std::to_string(raw.size()));
     } else if (t.has_contents()) {
-      if (sp.dt.cfg != pb::TYPE_FP32)
-        return bad("input '" + t.name() + "': typed contents are only supported for FP32 in "
-                   "this prototype; send raw_input_contents");
-      const auto& v = t.contents().fp32_contents();
-      if (v.size() != count)
-        return bad("input '" + t.name() + "': expected " + std::to_string(count) +
-                   " values in contents.fp32_contents for shape " +
-                   fmt_shape(t.shape().data(), t.shape_size()) + ", got " +
-                   std::to_string(v.size()));
+      Status st = check_typed(p, i, sp, count);
+      if (!st.ok()) return st;
     } else {
       return bad("input '" + t.name() + "' has no data: neither raw_input_contents nor contents");
     }
@@ -443,7 +547,7 @@ Status ModelVersion::compute(Slot& slot, std::vector<Pending*>& batch, int64_t t
   for (size_t k = 0; k < nin; ++k) {
     const auto& t = first->req->inputs(first->slot[k]);
     size_t nbytes;
-    const char* data = input_bytes(*first->req, first->slot[k], &nbytes);
+    const char* data = input_bytes(*first, first->slot[k], inputs_[k].dt, &nbytes);
     if (batch.size() == 1) {  // no copy: onnxruntime reads the request's buffer
       values.push_back(Ort::Value::CreateTensor(mem, const_cast<char*>(data), nbytes,
                                                 t.shape().data(), t.shape_size(),
@@ -454,14 +558,14 @@ Status ModelVersion::compute(Slot& slot, std::vector<Pending*>& batch, int64_t t
     size_t need = 0;
     for (Pending* p : batch) {
       size_t n;
-      input_bytes(*p->req, p->slot[k], &n);
+      input_bytes(*p, p->slot[k], inputs_[k].dt, &n);
       need += n;
     }
     buf.resize(need);
     size_t off = 0;
     for (Pending* p : batch) {
       size_t n;
-      const char* d = input_bytes(*p->req, p->slot[k], &n);
+      const char* d = input_bytes(*p, p->slot[k], inputs_[k].dt, &n);
       std::memcpy(buf.data() + off, d, n);
       off += n;
     }

@@ -89,6 +89,9 @@ struct Pending {
   std::chrono::system_clock::time_point deadline;
   std::vector<int> slot;  // model input k -> request input index
   std::vector<int> want;  // requested outputs (model output indices)
+  // Request input i's typed contents narrowed to its tensor's type (INT8, INT16, UINT8 and UINT16
+  // travel as 32-bit values), else empty: the bytes onnxruntime reads for it.
+  std::vector<std::string> narrowed;
   int64_t queue_ns = 0, cin_ns = 0, cinfer_ns = 0, cout_ns = 0;  // set for a run request
   // Called exactly once with the outcome (from a worker, or from the handler on an early error).
   virtual void done(const Status& st) = 0;

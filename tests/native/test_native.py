@@ -20,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -636,3 +637,118 @@ def test_undecodable_bytes_get_invalid_argument(server: NativeServer, digits_x: 
         assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
     # the unary ModelInfer and the stream message
     assert server.metric("bnserve_request_failure_total", **unknown) == failures0 + 2
+
+
+# --- typed contents: every datatype the native front end serves, as the Python one decodes it --
+
+# (input name, V2 datatype, ONNX element type, numpy dtype, the typed contents member, values)
+_TYPED = [
+    ("b", "BOOL", 9, np.bool_, "bool_contents", [True, False, True, True]),
+    ("i8", "INT8", 3, np.int8, "int_contents", [-128, 127, 0, -5]),
+    ("i16", "INT16", 5, np.int16, "int_contents", [-32768, 32767, 7, -9]),
+    ("u8", "UINT8", 2, np.uint8, "uint_contents", [0, 255, 17, 200]),
+    ("u16", "UINT16", 4, np.uint16, "uint_contents", [0, 65535, 1, 300]),
+    ("u32", "UINT32", 12, np.uint32, "uint_contents", [0, 2**32 - 1, 2, 70000]),
+    ("u64", "UINT64", 13, np.uint64, "uint64_contents", [0, 2**64 - 1, 3, 2**40]),
+    ("i32", "INT32", 6, np.int32, "int_contents", [-(2**31), 2**31 - 1, 3, -4]),
+    ("i64", "INT64", 7, np.int64, "int64_contents", [-(2**63), 2**63 - 1, 5, -6]),
+    ("f32", "FP32", 1, np.float32, "fp32_contents", [1.5, -2.25, 3e38, -0.0]),
+    ("f64", "FP64", 11, np.float64, "fp64_contents", [1e300, -2.5, 0.1, 7.0]),
+]
+
+
+def _identity_model(inputs: list[tuple[str, int]]) -> Any:
+    """An ONNX model whose output o_NAME is its input NAME (shape [batch, 2]) for each input."""
+    from onnx import helper
+
+    ins = [helper.make_tensor_value_info(n, et, ["batch", 2]) for n, et in inputs]
+    outs = [helper.make_tensor_value_info(f"o_{n}", et, ["batch", 2]) for n, et in inputs]
+    nodes = [helper.make_node("Identity", [n], [f"o_{n}"]) for n, _ in inputs]
+    model = helper.make_model(
+        helper.make_graph(nodes, "identity", ins, outs), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="module")
+def typed_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Both front ends serving `typed` (an input of each datatype with a typed contents member)
+    and `half` (one FP16 input, which has none)."""
+    import onnx
+
+    repo = tmp_path_factory.mktemp("typed_repo")
+    for name, model in (
+        ("typed", _identity_model([(n, et) for n, _, et, _, _, _ in _TYPED])),
+        ("half", _identity_model([("h", 10)])),
+    ):
+        (repo / name / "1").mkdir(parents=True)
+        onnx.save(model, str(repo / name / "1" / "model.onnx"))
+    python = ServerProcess(repo)
+    try:
+        nat = NativeServer(repo)
+        try:
+            yield {"python": python.target, "native": nat.target}
+        finally:
+            assert nat.stop(60) == 0, "".join(nat.log[-20:])
+    finally:
+        python.stop(60)
+
+
+def _typed_request(overrides: dict[str, tuple[str, list[Any]]] | None = None) -> Any:
+    """`typed`'s every input as typed contents, 2 rows; `overrides`: input -> (member, values)."""
+    req = pb.ModelInferRequest(model_name="typed")
+    for name, datatype, _, _, member, values in _TYPED:
+        member, values = (overrides or {}).get(name, (member, values))
+        t = req.inputs.add(name=name, datatype=datatype, shape=[2, 2])
+        getattr(t.contents, member).extend(values)
+    return req
+
+
+def test_typed_contents_of_every_datatype_as_the_python_front_end(typed_servers) -> None:
+    """The native front end decodes typed contents of every datatype it serves exactly as the
+    Python one does (INT8, INT16, UINT8 and UINT16 narrowed from 32 bits), and refuses the same
+    bad ones with the same message."""
+    answers: dict[str, dict[str, Any]] = {}
+    for front, target in typed_servers.items():
+        got: dict[str, Any] = {}
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            resp = stub.ModelInfer(_typed_request(), timeout=30)
+            names = [o.name for o in resp.outputs]
+            got["outputs"] = dict(zip(names, resp.raw_output_contents, strict=True))
+            half = pb.ModelInferRequest(model_name="half")
+            half.inputs.add(name="h", datatype="FP16", shape=[2, 2]).contents.fp32_contents.extend(
+                [1.0] * 4
+            )
+            bad = {
+                "int8 out of range": _typed_request({"i8": ("int_contents", [1, 128, 0, 0])}),
+                "uint8 out of range": _typed_request({"u8": ("uint_contents", [256, 0, 0, 0])}),
+                "uint16 out of range": _typed_request({"u16": ("uint_contents", [0, 0, 65536, 0])}),
+                "wrong member": _typed_request({"i64": ("int_contents", [1, 2, 3, 4])}),
+                "too few": _typed_request({"f64": ("fp64_contents", [1.0, 2.0, 3.0])}),
+                "fp16": half,
+            }
+            for what, req in bad.items():
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.ModelInfer(req, timeout=30)
+                got[what] = (err.value.code().name, err.value.details())
+        answers[front] = got
+    # every value arrives as sent, in the tensor's own type, on both front ends
+    for name, _, _, dtype, _, values in _TYPED:
+        expected = np.array(values, dtype=dtype).reshape(2, 2).tobytes()
+        assert answers["native"]["outputs"][f"o_{name}"] == expected, name
+    assert answers["native"] == answers["python"]
+    python = answers["python"]
+    assert python["fp16"] == (
+        "INVALID_ARGUMENT",
+        "input 'h': datatype FP16 has no typed contents field; send it in raw_input_contents",
+    )
+    assert "out of range for INT8 [-128, 127]" in python["int8 out of range"][1]
+    assert "out of range for UINT8 [0, 255]" in python["uint8 out of range"][1]
+    assert "out of range for UINT16 [0, 65535]" in python["uint16 out of range"][1]
+    assert (
+        "INT64 takes its values in contents.int64_contents, got contents.int_contents"
+        in (python["wrong member"][1])
+    )
+    assert "expected 4 values in contents.fp64_contents" in python["too few"][1]

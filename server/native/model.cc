@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <string_view>
 
 namespace bnn {
 
@@ -115,7 +116,7 @@ const char* contents_member(pb::DataType t) {
 }
 
 // How many values each member holds, in the (sorted) order the Python front end names them.
-std::vector<std::pair<std::string, int>> member_sizes(const pb::InferTensorContents& c) {
+std::vector<std::pair<std::string_view, int>> member_sizes(const pb::InferTensorContents& c) {
   return {{"bool_contents", c.bool_contents_size()},   {"bytes_contents", c.bytes_contents_size()},
           {"fp32_contents", c.fp32_contents_size()},   {"fp64_contents", c.fp64_contents_size()},
           {"int64_contents", c.int64_contents_size()}, {"int_contents", c.int_contents_size()},
@@ -150,7 +151,7 @@ Status check_typed(Pending* p, int i, const TensorSpec& sp, int64_t count) {
     return bad("input '" + t.name() + "': datatype " + sp.dt.v2 +
                " has no typed contents field; send it in raw_input_contents");
   int have = 0;
-  std::string other;
+  std::string_view other;
   for (const auto& [m, size] : member_sizes(t.contents())) {
     if (m == member) have = size;
     else if (size && other.empty()) other = m;
@@ -158,7 +159,7 @@ Status check_typed(Pending* p, int i, const TensorSpec& sp, int64_t count) {
   if (have != count) {
     if (have == 0 && !other.empty())
       return bad("input '" + t.name() + "': datatype " + sp.dt.v2 + " takes its values in contents." +
-                 member + ", got contents." + other);
+                 member + ", got contents." + std::string(other));
     return bad("input '" + t.name() + "': expected " + std::to_string(count) +
                " values in contents." + member + " for shape " +
                fmt_shape(t.shape().data(), t.shape_size()) + ", got " + std::to_string(have));

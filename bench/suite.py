@@ -126,9 +126,11 @@ PEERS: tuple[tuple[str, str], ...] = (
 # --- /proc ------------------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """Fields of /proc/<pid>/stat from field 3 (state) on; the name may hold spaces/parens."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
+def _stat_fields(pid: int, tid: int | None = None) -> list[str]:
+    """Fields of /proc/<pid>/stat (of its thread tid: /proc/<pid>/task/<tid>/stat) from field 3
+    (state) on; the name may hold spaces/parens."""
+    where = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
+    raw = Path(where, "stat").read_text()
     return raw[raw.rindex(")") + 2 :].split()
 
 
@@ -170,9 +172,8 @@ def threads_cpu_s(pid: int, comm: str) -> float | None:
             with contextlib.suppress(OSError):
                 if Path(task.path, "comm").read_text().rstrip("\n") != comm:
                     continue
-                raw = Path(task.path, "stat").read_text()
-                f = raw[raw.rindex(")") + 2 :].split()
-                ticks += int(f[11]) + int(f[12])
+                f = _stat_fields(pid, int(task.name))
+                ticks += int(f[11]) + int(f[12])  # utime, stime
                 found = True
     return ticks / CLK_TCK if found else None
 

@@ -371,6 +371,11 @@ def worker(argv: Sequence[str] | None = None) -> int:
             )
             if args.summary:
                 args.summary.write_text(json.dumps(summary, indent=1))
+        # Tear gloo down together (PyTorch asks every rank to destroy the group at about the same
+        # time): once in CI, rank 1 destroyed its group while rank 0 was still writing the
+        # checkpoint and aborted ("terminate called without an active exception"). Only on
+        # success: after a failure the others may never come.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0

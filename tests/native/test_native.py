@@ -660,15 +660,12 @@ _TYPED = [
 def _identity_model(inputs: list[tuple[str, int]]) -> Any:
     """An ONNX model whose output o_NAME is its input NAME (shape [batch, 2]) for each input."""
     from onnx import helper
+    from onnx_nets import finish
 
     ins = [helper.make_tensor_value_info(n, et, ["batch", 2]) for n, et in inputs]
     outs = [helper.make_tensor_value_info(f"o_{n}", et, ["batch", 2]) for n, et in inputs]
     nodes = [helper.make_node("Identity", [n], [f"o_{n}"]) for n, _ in inputs]
-    model = helper.make_model(
-        helper.make_graph(nodes, "identity", ins, outs), opset_imports=[helper.make_opsetid("", 17)]
-    )
-    model.ir_version = 8
-    return model
+    return finish(helper.make_graph(nodes, "identity", ins, outs))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Small ONNX graphs built with onnx.helper, shared by the server tests."""
+"""Small ONNX graphs built with onnx.helper, shared by the tests (server and native)."""
 
 from __future__ import annotations
 

@@ -64,15 +64,41 @@ Status bad(const std::string& m) { return Status(StatusCode::INVALID_ARGUMENT, m
 
 static_assert(sizeof(bool) == 1, "onnxruntime's BOOL is one byte, as protobuf's repeated bool");
 
+// The typed contents member carrying a datatype, as the Python front end's codec
+// (server/codec.py) maps them (FP16 has none), and its values as they travel: a little-endian
+// array of `count` elements of `wire` bytes each, wider than the tensor's element for INT8,
+// INT16 (int32 on the wire), UINT8 and UINT16 (uint32).
+struct Typed {
+  const char* member = nullptr;
+  const char* data = nullptr;
+  int count = 0;
+  size_t wire = 0;
+};
+
 template <class T>
-const char* bytes_of(const google::protobuf::RepeatedField<T>& v, size_t* n) {
-  *n = size_t(v.size()) * sizeof(T);
-  return reinterpret_cast<const char*>(v.data());
+Typed typed_of(const char* member, const google::protobuf::RepeatedField<T>& v) {
+  return {member, reinterpret_cast<const char*>(v.data()), v.size(), sizeof(T)};
+}
+
+Typed typed(const pb::InferTensorContents& c, pb::DataType dt) {
+  switch (dt) {
+    case pb::TYPE_BOOL: return typed_of("bool_contents", c.bool_contents());
+    case pb::TYPE_UINT8:
+    case pb::TYPE_UINT16:
+    case pb::TYPE_UINT32: return typed_of("uint_contents", c.uint_contents());
+    case pb::TYPE_UINT64: return typed_of("uint64_contents", c.uint64_contents());
+    case pb::TYPE_INT8:
+    case pb::TYPE_INT16:
+    case pb::TYPE_INT32: return typed_of("int_contents", c.int_contents());
+    case pb::TYPE_INT64: return typed_of("int64_contents", c.int64_contents());
+    case pb::TYPE_FP32: return typed_of("fp32_contents", c.fp32_contents());
+    case pb::TYPE_FP64: return typed_of("fp64_contents", c.fp64_contents());
+    default: return {};
+  }
 }
 
 // The bytes of request input i of datatype dt: its raw_input_contents entry, its narrowed typed
-// values, or its typed contents member itself (their layout is the tensor's: little-endian
-// arrays of the element type).
+// values, or its typed contents member itself (already the tensor's layout).
 const char* input_bytes(const Pending& p, int i, const DType& dt, size_t* n) {
   const pb::ModelInferRequest& r = *p.req;
   if (r.raw_input_contents_size()) {
@@ -84,35 +110,9 @@ const char* input_bytes(const Pending& p, int i, const DType& dt, size_t* n) {
     *n = p.narrowed[i].size();
     return p.narrowed[i].data();
   }
-  const pb::InferTensorContents& c = r.inputs(i).contents();
-  switch (dt.cfg) {
-    case pb::TYPE_BOOL: return bytes_of(c.bool_contents(), n);
-    case pb::TYPE_INT32: return bytes_of(c.int_contents(), n);
-    case pb::TYPE_INT64: return bytes_of(c.int64_contents(), n);
-    case pb::TYPE_UINT32: return bytes_of(c.uint_contents(), n);
-    case pb::TYPE_UINT64: return bytes_of(c.uint64_contents(), n);
-    case pb::TYPE_FP64: return bytes_of(c.fp64_contents(), n);
-    default: return bytes_of(c.fp32_contents(), n);  // validate() admits no other
-  }
-}
-
-// KServe's typed contents: the member carrying each datatype (FP16 has none), as the Python
-// front end's codec (server/codec.py) has it, messages included.
-const char* contents_member(pb::DataType t) {
-  switch (t) {
-    case pb::TYPE_BOOL: return "bool_contents";
-    case pb::TYPE_UINT8:
-    case pb::TYPE_UINT16:
-    case pb::TYPE_UINT32: return "uint_contents";
-    case pb::TYPE_UINT64: return "uint64_contents";
-    case pb::TYPE_INT8:
-    case pb::TYPE_INT16:
-    case pb::TYPE_INT32: return "int_contents";
-    case pb::TYPE_INT64: return "int64_contents";
-    case pb::TYPE_FP32: return "fp32_contents";
-    case pb::TYPE_FP64: return "fp64_contents";
-    default: return nullptr;
-  }
+  Typed v = typed(r.inputs(i).contents(), dt.cfg);
+  *n = size_t(v.count) * v.wire;
+  return v.data;
 }
 
 // How many values each member holds, in the (sorted) order the Python front end names them.
@@ -123,60 +123,55 @@ std::vector<std::pair<std::string_view, int>> member_sizes(const pb::InferTensor
           {"uint64_contents", c.uint64_contents_size()}, {"uint_contents", c.uint_contents_size()}};
 }
 
-// Narrows 32-bit typed values into T, or says which range they left.
+// Narrows the wire's W values into T, or says which range they left.
 template <class T, class W>
-Status narrow_into(const std::string& name, const google::protobuf::RepeatedField<W>& v,
-                   const char* member, const char* dt, std::string* out) {
+Status narrow_into(const std::string& name, const Typed& v, const char* dt, std::string* out) {
   const W lo = W(std::numeric_limits<T>::min()), hi = W(std::numeric_limits<T>::max());
-  out->resize(size_t(v.size()) * sizeof(T));
+  const W* in = reinterpret_cast<const W*>(v.data);
+  out->resize(size_t(v.count) * sizeof(T));
   T* o = reinterpret_cast<T*>(out->data());
-  for (int j = 0; j < v.size(); ++j) {
-    if (v.Get(j) < lo || v.Get(j) > hi) {
+  for (int j = 0; j < v.count; ++j) {
+    if (in[j] < lo || in[j] > hi) {
       out->clear();
-      return bad("input '" + name + "': values in contents." + member + " out of range for " +
+      return bad("input '" + name + "': values in contents." + v.member + " out of range for " +
                  dt + " [" + std::to_string(int64_t(lo)) + ", " + std::to_string(int64_t(hi)) +
                  "]");
     }
-    o[j] = T(v.Get(j));
+    o[j] = T(in[j]);
   }
   return Status::OK;
 }
 
 // Checks request input i's typed contents against its tensor (count values of sp's datatype)
-// and narrows them when the wire type is wider.
+// and narrows them when the wire's elements are wider than the tensor's.
 Status check_typed(Pending* p, int i, const TensorSpec& sp, int64_t count) {
   const auto& t = p->req->inputs(i);
-  const char* member = contents_member(sp.dt.cfg);
-  if (member == nullptr)
+  const Typed v = typed(t.contents(), sp.dt.cfg);
+  if (v.member == nullptr)
     return bad("input '" + t.name() + "': datatype " + sp.dt.v2 +
                " has no typed contents field; send it in raw_input_contents");
-  int have = 0;
-  std::string_view other;
-  for (const auto& [m, size] : member_sizes(t.contents())) {
-    if (m == member) have = size;
-    else if (size && other.empty()) other = m;
-  }
-  if (have != count) {
-    if (have == 0 && !other.empty())
+  if (v.count != count) {
+    std::string_view other;
+    for (const auto& [m, size] : member_sizes(t.contents()))
+      if (size && m != v.member && other.empty()) other = m;
+    if (v.count == 0 && !other.empty())
       return bad("input '" + t.name() + "': datatype " + sp.dt.v2 + " takes its values in contents." +
-                 member + ", got contents." + std::string(other));
+                 v.member + ", got contents." + std::string(other));
     return bad("input '" + t.name() + "': expected " + std::to_string(count) +
-               " values in contents." + member + " for shape " +
-               fmt_shape(t.shape().data(), t.shape_size()) + ", got " + std::to_string(have));
+               " values in contents." + v.member + " for shape " +
+               fmt_shape(t.shape().data(), t.shape_size()) + ", got " + std::to_string(v.count));
   }
-  const auto& c = t.contents();
-  std::string* out = nullptr;
-  if (sp.dt.cfg == pb::TYPE_INT8 || sp.dt.cfg == pb::TYPE_INT16 || sp.dt.cfg == pb::TYPE_UINT8 ||
-      sp.dt.cfg == pb::TYPE_UINT16) {
-    if (p->narrowed.size() < size_t(p->req->inputs_size())) p->narrowed.resize(p->req->inputs_size());
-    out = &p->narrowed[i];
-  }
+  if (v.wire == sp.dt.size) return Status::OK;  // read in place
+  if (p->narrowed.size() < size_t(p->req->inputs_size())) p->narrowed.resize(p->req->inputs_size());
+  std::string* out = &p->narrowed[i];
   switch (sp.dt.cfg) {
-    case pb::TYPE_INT8: return narrow_into<int8_t>(t.name(), c.int_contents(), member, sp.dt.v2, out);
-    case pb::TYPE_INT16: return narrow_into<int16_t>(t.name(), c.int_contents(), member, sp.dt.v2, out);
-    case pb::TYPE_UINT8: return narrow_into<uint8_t>(t.name(), c.uint_contents(), member, sp.dt.v2, out);
-    case pb::TYPE_UINT16: return narrow_into<uint16_t>(t.name(), c.uint_contents(), member, sp.dt.v2, out);
-    default: return Status::OK;
+    case pb::TYPE_INT8: return narrow_into<int8_t, int32_t>(t.name(), v, sp.dt.v2, out);
+    case pb::TYPE_INT16: return narrow_into<int16_t, int32_t>(t.name(), v, sp.dt.v2, out);
+    case pb::TYPE_UINT8: return narrow_into<uint8_t, uint32_t>(t.name(), v, sp.dt.v2, out);
+    case pb::TYPE_UINT16: return narrow_into<uint16_t, uint32_t>(t.name(), v, sp.dt.v2, out);
+    default:
+      return Status(StatusCode::INTERNAL, "input '" + t.name() + "': no narrowing from " +
+                                              v.member + " to " + sp.dt.v2);
   }
 }
 

@@ -928,11 +928,9 @@ def vol3d_reference(
     best = ort_best(table)
     if not around or best is None:
         return ort_cpu_per_sample(table), None if best is None else best.samples_per_s, "start"
-    cpu = [p.cpu_ms_per_sample for p in around if (p.batch, p.sessions) == (1, 1)]
-    sps = [p.samples_per_s for p in around if (p.batch, p.sessions) == (best.batch, best.sessions)]
     return (
-        statistics.fmean(cpu) if cpu else None,
-        statistics.fmean(sps) if sps else None,
+        _mean_at(around, (1, 1), "cpu_ms_per_sample"),
+        _mean_at(around, (best.batch, best.sessions), "samples_per_s"),
         "around",
     )
 
@@ -945,9 +943,13 @@ def vol3d_best_cpu(
     best = ort_best(ort.get("vol3d", []))
     if best is None:
         return None, None
-    at = (best.batch, best.sessions)
-    cpu = [p.cpu_ms_per_sample for p in around if (p.batch, p.sessions) == at]
-    return best, statistics.fmean(cpu) if cpu else None
+    return best, _mean_at(around, (best.batch, best.sessions), "cpu_ms_per_sample")
+
+
+def _mean_at(points: Sequence[OrtPoint], at: tuple[int, int], attr: str) -> float | None:
+    """The mean of `attr` over the points at (batch, sessions) `at`; None if none is."""
+    values = [float(getattr(p, attr)) for p in points if (p.batch, p.sessions) == at]
+    return statistics.fmean(values) if values else None
 
 
 def evaluate(

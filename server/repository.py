@@ -618,11 +618,11 @@ class Repository:
         """Every model seen in the repository, ready or not (sorted)."""
         return sorted(self._models)
 
-    def has_version(self, name: str, version: str) -> bool:
-        """Whether `version` is a version directory of model `name` seen in the repository
-        (in any state)."""
+    def seen(self, name: str, version: str = "") -> bool:
+        """Whether model `name` (and, when given, its version directory `version`) was seen in
+        the repository, in any state."""
         m = self._models.get(name)
-        return m is not None and version in m.versions
+        return m is not None and (not version or version in m.versions)
 
     def ready(self, name: str, version: str = "") -> bool:
         try:

@@ -257,9 +257,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # Unknown names and unknown versions of a known model share one label value each:
             # a client must not grow the series unbounded.
             name, version = request.model_name, request.model_version
-            if name not in self._repo.names():
+            if not self._repo.seen(name):
                 name, version = "<unknown>", ""
-            elif version and not self._repo.has_version(name, version):
+            elif not self._repo.seen(name, version):
                 version = "<unknown>"
         self._metrics.request_done(name, version, code, elapsed)
         if model is not None:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -220,6 +221,49 @@ def test_request_ids_ride_on_the_one_serialized_request() -> None:
         assert len(request.raw_input_contents[0]) == 3 * 64 * 4
         seen.add(sid)
     assert len(seen) == 300
+
+
+def test_unary_requests_are_the_serialized_request_as_it_is() -> None:
+    """Unary requests carry no id (nothing matches a unary answer by id): each is the one
+    serialized request, byte for byte, so no send copies it. A real gRPC server records them."""
+    seen: list[bytes] = []
+    meta = pb.ModelMetadataResponse(
+        name="m",
+        inputs=[pb.ModelMetadataResponse.TensorMetadata(name="x", datatype="FP32", shape=[-1, 4])],
+    )
+
+    def infer(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        seen.append(raw)
+        return pb.ModelInferResponse(model_name="m").SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {
+            "ModelMetadata": grpc.unary_unary_rpc_method_handler(
+                lambda request, context: meta,
+                request_deserializer=pb.ModelMetadataRequest.FromString,
+                response_serializer=pb.ModelMetadataResponse.SerializeToString,
+            ),
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(infer),
+        },
+    )
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        result = run_bench(
+            BenchConfig(
+                targets=[f"127.0.0.1:{port}"], model="m", concurrency=2, duration=0.3, warmup=0.1
+            )
+        )
+    finally:
+        server.stop(grace=1).wait()
+    expected = build_workload("m", "", [("x", "FP32", [-1, 4])], batch=1).payload
+    assert result.ok == result.requests > 0 and result.errors == 0
+    assert len(seen) == result.requests + result.warmup_requests
+    assert set(seen) == {expected}
+    assert pb.ModelInferRequest.FromString(expected).id == ""
 
 
 def test_config_is_validated() -> None:

@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--frontend",
         choices=("python", "native"),
         help="python: every feature (default); native: the C++ front end, several times less "
-        "CPU a request, no hot reload/TLS/tokens/drift/--workers (`make native` builds it)",
+        "CPU a request, no hot reload/tokens/drift/--workers (`make native` builds it)",
     )
     p.add_argument(
         "--lame-duck",

@@ -1217,7 +1217,7 @@ def render(
             f"Targets met: **{sum(c.passed for c in native_checks)} of {len(native_checks)}**. "
             "The same models, gates and runs; requests are answered by gRPC C++ and "
             "onnxruntime's C API with the same batching, validation, statistics and metrics "
-            "(no hot reload, TLS, tokens, drift or --workers: docs/native.md)."
+            "(no hot reload, tokens, drift or --workers: docs/native.md)."
         )
         w("")
         w("| target | measured | limit | result |")

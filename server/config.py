@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     frontend: Literal["python", "native"] = Field(
         default="python",
         description="who answers requests: the Python front end (every feature) or the C++ one "
-        "(server/native_frontend.py: faster; no hot reload, TLS, tokens, drift or --workers)",
+        "(server/native_frontend.py: faster; no hot reload, tokens, drift or --workers)",
     )
     workers: int = Field(
         default=1,

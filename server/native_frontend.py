@@ -14,7 +14,9 @@ container gets SIGTERM itself) and serves the Open Inference Protocol with its o
 statistics, health, metrics and drain.
 
 What the native front end does not do (yet) is refused up front, never silently dropped: hot
-reload (--poll), --lame-duck, --workers, TLS and tokens, drift monitoring (`UNSUPPORTED`).
+reload (--poll), --lame-duck, --workers, bearer tokens, drift monitoring (`unsupported()`). TLS
+and mutual TLS are served: the PEM files are checked here as for the Python front end
+(security.tls_material) and their contents travel in the plan.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any, NoReturn
 from .config import Settings
 from .metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS
 from .repository import Repository
+from .security import TlsMaterial, tls_material
 from .servicer import model_config, model_metadata, server_metadata
 
 __all__ = ["NativeUnavailableError", "binary", "build_plan", "exec_native", "unsupported"]
@@ -66,8 +69,8 @@ def unsupported(settings: Settings) -> list[str]:
         problems.append("--lame-duck: new calls are refused at once after SIGTERM")
     if settings.workers > 1:
         problems.append("--workers: one native process already uses every core")
-    if settings.tls or settings.auth_token_file is not None:
-        problems.append("--tls-* and --auth-token-file: serve those through the Python front end")
+    if settings.auth_token_file is not None:
+        problems.append("--auth-token-file: serve bearer tokens through the Python front end")
     if settings.drift_sample_rate > 0:
         problems.append("--drift-sample-rate: drift is scored by the Python front end only")
     return problems
@@ -129,6 +132,14 @@ async def build_plan(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _tls_plan(tls: TlsMaterial) -> dict[str, str]:
+    """The plan's "tls": PEM text (ASCII); no client_ca_pem means no client certificate asked."""
+    out = {"cert_pem": tls.cert_pem.decode("ascii"), "key_pem": tls.key_pem.decode("ascii")}
+    if tls.client_ca_pem is not None:
+        out["client_ca_pem"] = tls.client_ca_pem.decode("ascii")
+    return out
+
+
 def _plan_fd(plan: dict[str, Any]) -> int:
     """The plan in an anonymous in-memory file the executed binary inherits (nothing to clean
     up on disk); it reads /proc/self/fd/N."""
@@ -148,8 +159,11 @@ def exec_native(settings: Settings) -> NoReturn:
     if problems:
         raise NativeUnavailableError("--frontend native does not support: " + "; ".join(problems))
     exe = binary()
+    tls = tls_material(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     log.info("bnserve starting (native front end): %s", settings.summary())
     plan = asyncio.run(build_plan(settings))
+    if tls is not None:
+        plan["tls"] = _tls_plan(tls)
     if not plan["models"]:
         raise NativeUnavailableError(
             f"no model of {settings.repo} passed its gates: nothing to serve"

@@ -4,6 +4,8 @@ TLS: `server_credentials()` turns --tls-cert/--tls-key (and --tls-client-ca for 
 grpc.ServerCredentials, after checking at start that the files are readable PEM, that the key
 belongs to the certificate and that the client CA parses -- gRPC itself would only find out at
 the first handshake, and every handshake would then fail without a word in the server log.
+`tls_material()` does the checks and returns the PEM bytes: the native front end serves TLS
+from them (server/native_frontend.py).
 
 Tokens: `read_token_file()` reads the shared secret once at start; `BearerTokenInterceptor`
 answers UNAUTHENTICATED to every call whose metadata lacks `authorization: Bearer <token>`,
@@ -21,6 +23,7 @@ import hmac
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -87,11 +90,35 @@ def _no_password() -> NoReturn:
     raise SecurityConfigError("encrypted private key")
 
 
+@dataclass(frozen=True)
+class TlsMaterial:
+    """What serving TLS takes, read and checked (PEM): both front ends build on it."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    client_ca_pem: bytes | None  # set: mutual TLS (a client certificate from this CA is required)
+
+
 def server_credentials(
     cert: Path | None, key: Path | None, client_ca: Path | None = None
 ) -> grpc.ServerCredentials | None:
     """Server TLS credentials, or None for plaintext (no cert and no key). With `client_ca`,
     mutual TLS: a client must present a certificate signed by that CA or the handshake fails."""
+    material = tls_material(cert, key, client_ca)
+    if material is None:
+        return None
+    return grpc.ssl_server_credentials(
+        [(material.key_pem, material.cert_pem)],
+        root_certificates=material.client_ca_pem,
+        require_client_auth=material.client_ca_pem is not None,
+    )
+
+
+def tls_material(
+    cert: Path | None, key: Path | None, client_ca: Path | None = None
+) -> TlsMaterial | None:
+    """The PEM files behind --tls-cert, --tls-key and --tls-client-ca, checked as far as OpenSSL
+    can before a handshake (SecurityConfigError says which file and why); None for plaintext."""
     if cert is None and key is None:
         if client_ca is not None:
             raise SecurityConfigError(
@@ -132,11 +159,7 @@ def server_credentials(
             raise SecurityConfigError(
                 f"--tls-client-ca {client_ca}: not PEM CA certificates ({exc})"
             ) from None
-    return grpc.ssl_server_credentials(
-        [(key_pem, cert_pem)],
-        root_certificates=root,
-        require_client_auth=root is not None,
-    )
+    return TlsMaterial(cert_pem=cert_pem, key_pem=key_pem, client_ca_pem=root)
 
 
 # --------------------------------------------------------------------------------------------

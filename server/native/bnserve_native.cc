@@ -695,7 +695,26 @@ struct Plan {
   double grace_s = 10.0;
   int64_t max_message_bytes = 64 << 20;
   std::vector<double> latency_buckets, size_buckets;
+  // TLS (the plan's "tls", checked by server/security.py before the exec): PEM text; an empty
+  // cert means plaintext, a client CA means mutual TLS.
+  std::string tls_cert_pem, tls_key_pem, tls_client_ca_pem;
 };
+
+// The listening port's credentials from the plan, and how the start-up line describes them.
+std::shared_ptr<grpc::ServerCredentials> server_credentials(const Plan& plan, std::string* desc) {
+  if (plan.tls_cert_pem.empty()) {
+    *desc = "plaintext";
+    return grpc::InsecureServerCredentials();
+  }
+  const bool mutual = !plan.tls_client_ca_pem.empty();
+  grpc::SslServerCredentialsOptions opts(
+      mutual ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+             : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  opts.pem_key_cert_pairs.push_back({plan.tls_key_pem, plan.tls_cert_pem});
+  opts.pem_root_certs = plan.tls_client_ca_pem;
+  *desc = mutual ? "mutual TLS" : "TLS";
+  return grpc::SslServerCredentials(opts);
+}
 
 }  // namespace
 }  // namespace bnn
@@ -748,6 +767,13 @@ int main(int argc, char** argv) {
     plan.grace_s = j.value("grace_s", 10.0);
     plan.max_message_bytes = j.value("max_message_bytes", plan.max_message_bytes);
     plan.log_level = j.value("log_level", plan.log_level);
+    if (j.contains("tls")) {
+      const auto& t = j.at("tls");
+      plan.tls_cert_pem = t.at("cert_pem").get<std::string>();
+      plan.tls_key_pem = t.at("key_pem").get<std::string>();
+      plan.tls_client_ca_pem = t.value("client_ca_pem", std::string());
+      if (plan.tls_cert_pem.empty() || plan.tls_key_pem.empty()) die("bad plan: tls without a certificate or key");
+    }
     for (char& c : plan.log_level) c = char(std::toupper((unsigned char)c));
     if (plan.log_level == "DEBUG") g_log_level = kDebug;
     else if (plan.log_level == "WARNING") g_log_level = kWarning;
@@ -834,7 +860,8 @@ int main(int argc, char** argv) {
   Service service(&core);
   grpc::ServerBuilder b;
   int bound = 0;
-  b.AddListeningPort(host_port(plan.host, plan.port), grpc::InsecureServerCredentials(), &bound);
+  std::string security;
+  b.AddListeningPort(host_port(plan.host, plan.port), server_credentials(plan, &security), &bound);
   b.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a port in use is an error, not shared
   int maxmsg = int(std::min<int64_t>(plan.max_message_bytes, INT32_MAX));
   b.SetMaxReceiveMessageSize(maxmsg);
@@ -854,8 +881,9 @@ int main(int argc, char** argv) {
     if (health) health->SetServingStatus(kv.first, true);
     names += (names.empty() ? "" : ", ") + kv.first;
   }
-  logf(kInfo, "serving %s on %s (native, plaintext; metrics %s) in %.2f s", names.c_str(),
-       host_port(plan.host, bound).c_str(), metrics_desc.c_str(), double(now_ns() - t_start) * 1e-9);
+  logf(kInfo, "serving %s on %s (native, %s; metrics %s) in %.2f s", names.c_str(),
+       host_port(plan.host, bound).c_str(), security.c_str(), metrics_desc.c_str(),
+       double(now_ns() - t_start) * 1e-9);
 
   int sig = 0;
   sigwait(&sigs, &sig);

@@ -28,6 +28,7 @@ import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from oip import infer_request, logits_of, reference_pool, tritonclient_stream, wait_for
+from pki import Pki, make_pki
 
 from bnserve.proto import inference_pb2 as pb
 from bnserve.proto import inference_pb2_grpc as pb_grpc
@@ -135,7 +136,7 @@ def test_python_hands_the_process_to_the_native_binary(server: NativeServer) -> 
 def test_unsupported_settings_are_refused_before_anything_loads() -> None:
     for flags, what in (
         (["--poll", "5"], "--poll"),
-        (["--tls-cert", "c.pem", "--tls-key", "k.pem"], "--tls-"),
+        (["--auth-token-file", __file__], "--auth-token-file"),
         (["--drift-sample-rate", "0.1"], "--drift-sample-rate"),
         (["--workers", "2"], "--workers"),
     ):
@@ -157,6 +158,93 @@ def test_unsupported_settings_are_refused_before_anything_loads() -> None:
         )
         assert r.returncode == 2, r.stderr
         assert "--frontend native does not support" in r.stderr and what in r.stderr
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+def _tls_code(target: str, ca: Path, cert: Path | None = None, key: Path | None = None) -> Any:
+    """ServerLive over TLS trusting `ca` (with a client certificate when given): True, or the
+    status code of the failure."""
+    creds = grpc.ssl_channel_credentials(
+        ca.read_bytes(), key.read_bytes() if key else None, cert.read_bytes() if cert else None
+    )
+    with grpc.secure_channel(target, creds) as channel:
+        try:
+            return (
+                pb_grpc.GRPCInferenceServiceStub(channel)
+                .ServerLive(pb.ServerLiveRequest(), timeout=5)
+                .live
+            )
+        except grpc.RpcError as exc:
+            return exc.code()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_tls_serves_the_answers_and_refuses_plaintext(
+    pki: Pki, digits_x: np.ndarray, pools: dict[str, SessionPool]
+) -> None:
+    s = NativeServer(BUNDLED, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    try:
+        assert any("(native, TLS;" in line for line in s.log)
+        x = digits_x[:5]
+        want = pools["digits"].run({"input": x})["logits"].tobytes()
+        for host in ("127.0.0.1", "localhost"):  # the certificate's IP and DNS names
+            client = tc.InferenceServerClient(
+                f"{host}:{s.port}", ssl=True, root_certificates=str(pki.ca)
+            )
+            inp = tc.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            assert client.infer("digits", [inp]).as_numpy("logits").tobytes() == want
+            client.close()
+        with grpc.insecure_channel(s.target) as channel:
+            live = pb_grpc.GRPCInferenceServiceStub(channel).ServerLive
+            with pytest.raises(grpc.RpcError) as err:
+                live(pb.ServerLiveRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A client that trusts another CA refuses the server's certificate.
+        assert _tls_code(s.target, pki.rogue_ca) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert s.stop(60) == 0, "".join(s.log[-20:])
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki: Pki) -> None:
+    s = NativeServer(
+        BUNDLED,
+        *("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)),
+        *("--tls-client-ca", str(pki.ca)),
+    )
+    try:
+        assert any("(native, mutual TLS;" in line for line in s.log)
+        assert _tls_code(s.target, pki.ca) == grpc.StatusCode.UNAVAILABLE  # no certificate
+        rogue = _tls_code(s.target, pki.ca, pki.rogue_cert, pki.rogue_key)
+        assert rogue == grpc.StatusCode.UNAVAILABLE  # signed by a CA the server does not trust
+        assert _tls_code(s.target, pki.ca, pki.client_cert, pki.client_key) is True
+    finally:
+        assert s.stop(60) == 0, "".join(s.log[-20:])
+
+
+def test_unusable_tls_files_are_refused_as_by_the_python_front_end(pki: Pki) -> None:
+    """Checked before anything loads, with the Python front end's words (exit 2)."""
+    for flags, words in (
+        ([str(pki.server_cert), str(pki.client_key)], "the key does not belong to the certificate"),
+        ([str(pki.server_key), str(pki.server_key)], "not a PEM certificate"),
+    ):
+        r = subprocess.run(
+            [
+                *(sys.executable, "-m", "bnserve.cli", "serve", "--repo", str(BUNDLED)),
+                *("--frontend", "native", "--tls-cert", flags[0], "--tls-key", flags[1]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 2, r.stderr
+        assert words in r.stderr and "gates passed" not in r.stderr
 
 
 # --- answers -----------------------------------------------------------------------------------

@@ -1,13 +1,9 @@
 """TLS, mutual TLS, bearer tokens, the health exemption and message limits, against real servers
-on 127.0.0.1 port 0. Certificates are made here, at test time, with `cryptography`: a CA, a
-server certificate for localhost / 127.0.0.1 (SAN), a client certificate, and a rogue CA with a
-client certificate of its own."""
+on 127.0.0.1 port 0. Certificates are made at test time (tests/pki.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import ipaddress
 import os
 import queue
 import re
@@ -16,20 +12,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from oip import infer_request, logits_of
+from pki import Pki, make_pki
 from pydantic import ValidationError
 
 from bnserve.proto import inference_pb2 as pb
@@ -53,112 +46,9 @@ HEALTH = health_pb2.HealthCheckRequest
 # Certificates
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    rogue_ca: Path
-    rogue_cert: Path
-    rogue_key: Path
-
-    def read(self, *paths: Path) -> list[bytes]:
-        return [p.read_bytes() for p in paths]
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool = False,
-    server: bool = False,
-) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    issuer_name = issuer[0].subject if issuer else _name(subject)
-    signing_key = issuer[1] if issuer else key
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        b = b.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    elif server:
-        b = b.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    else:
-        b = b.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-    return b.sign(signing_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-
-    def write(name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-        (d / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (d / f"{name}.key").write_bytes(_key_pem(key))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("bnserve test CA", ca_key, None, ca=True)
-    write("ca", ca, ca_key)
-    for name, server in (("server", True), ("client", False)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        write(name, _cert(f"bnserve {name}", key, (ca, ca_key), server=server), key)
-    rogue_key = ec.generate_private_key(ec.SECP256R1())
-    rogue = _cert("rogue CA", rogue_key, None, ca=True)
-    write("rogue-ca", rogue, rogue_key)
-    key = ec.generate_private_key(ec.SECP256R1())
-    write("rogue-client", _cert("rogue client", key, (rogue, rogue_key)), key)
-    return Pki(
-        ca=d / "ca.crt",
-        server_cert=d / "server.crt",
-        server_key=d / "server.key",
-        client_cert=d / "client.crt",
-        client_key=d / "client.key",
-        rogue_ca=d / "rogue-ca.crt",
-        rogue_cert=d / "rogue-client.crt",
-        rogue_key=d / "rogue-client.key",
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

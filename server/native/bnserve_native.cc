@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include <cctype>
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <set>
@@ -758,6 +759,9 @@ int main(int argc, char** argv) {
       die("bad plan " + plan_path + ": " + e.what());
     }
   }
+  // The plan comes in an inherited in-memory file (server/native_frontend.py): close it once
+  // read, so the TLS key it may hold is not left open in the serving process.
+  if (int fd = -1; std::sscanf(plan_path.c_str(), "/proc/self/fd/%d", &fd) == 1 && fd > 2) close(fd);
   static Ort::Env* env = nullptr;
   try {
     plan.host = j.value("host", plan.host);

@@ -130,6 +130,9 @@ def test_python_hands_the_process_to_the_native_binary(server: NativeServer) -> 
         if line.startswith("VmRSS:")
     )
     assert rss_kb < 200 * 1024, f"RSS {rss_kb / 1024:.0f} MiB with both models"
+    fds = Path(f"/proc/{server.proc.pid}/fd")
+    open_files = [os.readlink(fd) for fd in fds.iterdir()]
+    assert not [f for f in open_files if "bnserve-native-plan" in f]  # read, then closed
     assert any("gates passed for digits, vol3d" in line for line in server.log)
 
 

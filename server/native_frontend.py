@@ -77,7 +77,7 @@ def unsupported(settings: Settings) -> list[str]:
 
 
 def _b64(message: Any) -> str:
-    return base64.b64encode(message.SerializeToString()).decode("ascii")
+    return _b64bytes(message.SerializeToString())
 
 
 async def build_plan(settings: Settings) -> dict[str, Any]:
@@ -133,11 +133,16 @@ async def build_plan(settings: Settings) -> dict[str, Any]:
 
 
 def _tls_plan(tls: TlsMaterial) -> dict[str, str]:
-    """The plan's "tls": PEM text (ASCII); no client_ca_pem means no client certificate asked."""
-    out = {"cert_pem": tls.cert_pem.decode("ascii"), "key_pem": tls.key_pem.decode("ascii")}
+    """The plan's "tls": the PEM files' bytes, base64 (exactly as read, comments included); no
+    client_ca means no client certificate is asked for."""
+    out = {"cert": _b64bytes(tls.cert_pem), "key": _b64bytes(tls.key_pem)}
     if tls.client_ca_pem is not None:
-        out["client_ca_pem"] = tls.client_ca_pem.decode("ascii")
+        out["client_ca"] = _b64bytes(tls.client_ca_pem)
     return out
+
+
+def _b64bytes(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def _plan_fd(plan: dict[str, Any]) -> int:

@@ -696,8 +696,8 @@ struct Plan {
   double grace_s = 10.0;
   int64_t max_message_bytes = 64 << 20;
   std::vector<double> latency_buckets, size_buckets;
-  // TLS (the plan's "tls", checked by server/security.py before the exec): PEM text; an empty
-  // cert means plaintext, a client CA means mutual TLS.
+  // TLS (the plan's "tls", checked by server/security.py before the exec): PEM files' bytes; an
+  // empty cert means plaintext, a client CA means mutual TLS.
   std::string tls_cert_pem, tls_key_pem, tls_client_ca_pem;
 };
 
@@ -771,12 +771,15 @@ int main(int argc, char** argv) {
     plan.grace_s = j.value("grace_s", 10.0);
     plan.max_message_bytes = j.value("max_message_bytes", plan.max_message_bytes);
     plan.log_level = j.value("log_level", plan.log_level);
-    if (j.contains("tls")) {
+    if (j.contains("tls")) {  // base64 of the PEM files' bytes
       const auto& t = j.at("tls");
-      plan.tls_cert_pem = t.at("cert_pem").get<std::string>();
-      plan.tls_key_pem = t.at("key_pem").get<std::string>();
-      plan.tls_client_ca_pem = t.value("client_ca_pem", std::string());
-      if (plan.tls_cert_pem.empty() || plan.tls_key_pem.empty()) die("bad plan: tls without a certificate or key");
+      auto pem = [&](const char* key, std::string* out) {
+        if (!base64_decode(t.at(key).get<std::string>(), out) || out->empty())
+          die(std::string("bad plan: tls.") + key + " is not base64 PEM");
+      };
+      pem("cert", &plan.tls_cert_pem);
+      pem("key", &plan.tls_key_pem);
+      if (t.contains("client_ca")) pem("client_ca", &plan.tls_client_ca_pem);
     }
     for (char& c : plan.log_level) c = char(std::toupper((unsigned char)c));
     if (plan.log_level == "DEBUG") g_log_level = kDebug;

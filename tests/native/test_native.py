@@ -189,9 +189,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def test_tls_serves_the_answers_and_refuses_plaintext(
-    pki: Pki, digits_x: np.ndarray, pools: dict[str, SessionPool]
+    pki: Pki, digits_x: np.ndarray, pools: dict[str, SessionPool], tmp_path: Path
 ) -> None:
-    s = NativeServer(BUNDLED, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    # The certificate as `openssl pkcs12` exports it: text before the PEM block, not all ASCII.
+    cert = tmp_path / "server-bag.crt"
+    cert.write_bytes(
+        "Bag Attributes\n    friendlyName: s\u00e9rveur\n".encode() + pki.server_cert.read_bytes()
+    )
+    s = NativeServer(BUNDLED, "--tls-cert", str(cert), "--tls-key", str(pki.server_key))
     try:
         assert any("(native, TLS;" in line for line in s.log)
         x = digits_x[:5]

@@ -9,6 +9,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -120,3 +121,15 @@ def make_pki(d: Path) -> Pki:
         rogue_cert=d / "rogue-client.crt",
         rogue_key=d / "rogue-client.key",
     )
+
+
+def tls_channel(
+    target: str, ca: Path, cert: Path | None = None, key: Path | None = None
+) -> grpc.Channel:
+    """A channel that trusts `ca`, presenting `cert`/`key` when given (mutual TLS)."""
+    creds = grpc.ssl_channel_credentials(
+        ca.read_bytes(),
+        key.read_bytes() if key else None,
+        cert.read_bytes() if cert else None,
+    )
+    return grpc.secure_channel(target, creds)

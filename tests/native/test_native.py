@@ -28,7 +28,7 @@ import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from oip import infer_request, logits_of, reference_pool, tritonclient_stream, wait_for
-from pki import Pki, make_pki
+from pki import Pki, make_pki, tls_channel
 
 from bnserve.proto import inference_pb2 as pb
 from bnserve.proto import inference_pb2_grpc as pb_grpc
@@ -169,10 +169,7 @@ def test_unsupported_settings_are_refused_before_anything_loads() -> None:
 def _tls_code(target: str, ca: Path, cert: Path | None = None, key: Path | None = None) -> Any:
     """ServerLive over TLS trusting `ca` (with a client certificate when given): True, or the
     status code of the failure."""
-    creds = grpc.ssl_channel_credentials(
-        ca.read_bytes(), key.read_bytes() if key else None, cert.read_bytes() if cert else None
-    )
-    with grpc.secure_channel(target, creds) as channel:
+    with tls_channel(target, ca, cert, key) as channel:
         try:
             return (
                 pb_grpc.GRPCInferenceServiceStub(channel)

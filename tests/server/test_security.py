@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from oip import infer_request, logits_of
-from pki import Pki, make_pki
+from pki import Pki, make_pki, tls_channel
 from pydantic import ValidationError
 
 from bnserve.proto import inference_pb2 as pb
@@ -83,17 +83,6 @@ def _code(call: object) -> grpc.StatusCode:
     return err.value.code()
 
 
-def _tls_channel(
-    target: str, ca: Path, cert: Path | None = None, key: Path | None = None
-) -> grpc.Channel:
-    creds = grpc.ssl_channel_credentials(
-        ca.read_bytes(),
-        key.read_bytes() if key else None,
-        cert.read_bytes() if cert else None,
-    )
-    return grpc.secure_channel(target, creds)
-
-
 def _bearer(token: str = TOKEN) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
@@ -110,7 +99,7 @@ def tls_app(repo: Path, pki: Pki) -> Iterator[App]:
 
 def test_tls_serves_and_plaintext_fails(tls_app: App, pki: Pki, x: np.ndarray) -> None:
     for host in ("127.0.0.1", "localhost"):  # IP SAN and DNS SAN
-        with _tls_channel(f"{host}:{tls_app.port}", pki.ca) as channel:
+        with tls_channel(f"{host}:{tls_app.port}", pki.ca) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
             assert logits_of(stub.ModelInfer(infer_request(x), timeout=10)).shape == (3, 10)
@@ -121,7 +110,7 @@ def test_tls_serves_and_plaintext_fails(tls_app: App, pki: Pki, x: np.ndarray) -
             grpc.StatusCode.UNAVAILABLE
         )
     # A client that trusts another CA refuses the server's certificate.
-    with _tls_channel(target, pki.rogue_ca) as channel:
+    with tls_channel(target, pki.rogue_ca) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert _code(lambda: stub.ServerLive(pb.ServerLiveRequest(), timeout=5)) == (
             grpc.StatusCode.UNAVAILABLE
@@ -151,12 +140,12 @@ def test_mutual_tls_requires_a_client_certificate(mtls_app: App, pki: Pki, x: np
     target = f"127.0.0.1:{mtls_app.port}"
     for cert, key in ((None, None), (pki.rogue_cert, pki.rogue_key)):
         # No certificate, or one signed by a CA the server does not trust: no handshake.
-        with _tls_channel(target, pki.ca, cert, key) as channel:
+        with tls_channel(target, pki.ca, cert, key) as channel:
             live = pb_grpc.GRPCInferenceServiceStub(channel).ServerLive
             assert _code(lambda: live(pb.ServerLiveRequest(), timeout=5)) == (  # noqa: B023
                 grpc.StatusCode.UNAVAILABLE
             )
-    with _tls_channel(target, pki.ca, pki.client_cert, pki.client_key) as channel:
+    with tls_channel(target, pki.ca, pki.client_cert, pki.client_key) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert logits_of(stub.ModelInfer(infer_request(x), timeout=10)).shape == (3, 10)
 
@@ -376,7 +365,7 @@ def test_serve_cli_with_tls_token_and_exempt_health(repo: Path, pki: Pki, token_
         target = ["--target", f"localhost:{port}", "--tls-ca", str(pki.ca)]
         ok = _bnserve("health", *target)  # exempt: no token needed
         assert ok.returncode == 0, ok.stderr
-        with _tls_channel(f"localhost:{port}", pki.ca) as channel:
+        with tls_channel(f"localhost:{port}", pki.ca) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             assert _code(lambda: stub.ServerLive(pb.ServerLiveRequest(), timeout=5)) == (
                 grpc.StatusCode.UNAUTHENTICATED

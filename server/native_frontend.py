@@ -76,6 +76,10 @@ def unsupported(settings: Settings) -> list[str]:
     return problems
 
 
+def _b64bytes(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def _b64(message: Any) -> str:
     return _b64bytes(message.SerializeToString())
 
@@ -139,10 +143,6 @@ def _tls_plan(tls: TlsMaterial) -> dict[str, str]:
     if tls.client_ca_pem is not None:
         out["client_ca"] = _b64bytes(tls.client_ca_pem)
     return out
-
-
-def _b64bytes(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _plan_fd(plan: dict[str, Any]) -> int:

@@ -27,9 +27,6 @@ class Pki:
     rogue_cert: Path
     rogue_key: Path
 
-    def read(self, *paths: Path) -> list[bytes]:
-        return [p.read_bytes() for p in paths]
-
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

@@ -20,7 +20,6 @@
 #include <grpcpp/grpcpp.h>
 #include <grpc/support/log.h>
 #include <google/protobuf/stubs/logging.h>
-#include <grpcpp/health_check_service_interface.h>
 #include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
@@ -29,10 +28,12 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <pthread.h>
 #include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "health.grpc.pb.h"
 #include "metrics.h"
 #include "model.h"
 #include "util.h"
@@ -226,24 +227,281 @@ Status serialize_response(const M& msg, grpc::ByteBuffer* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The RPC layer: gRPC C++'s async API. Every method is registered raw and asynchronous, and
+// every call's completions come back on one completion queue, drained by one thread (bnn-grpc).
+//
+// Why not the callback API (used up to round 7): in gRPC 1.51 a server with any callback method
+// gets two "nexting" threads that take turns at the process's one epoll poller and hand it over
+// for every event: about 5 wake-ups of theirs a vol3d request, 2.4 of them preempting an
+// onnxruntime worker (perf sched). One thread on one queue polls, reads and answers without
+// that hand-off: digits at 16 in flight 0.038 vs 0.055 ms of server CPU a request, vol3d's
+// gRPC share 0.104 vs 0.118 ms (docs/performance-notes.md, round 8). For the same reason the
+// health service is ours (HealthService, a sync service like reflection's; gRPC's default one is
+// built on the callback API).
+//
+// Deadlines and cancellation: every call asks for its "done" completion (AsyncNotifyWhenDone),
+// which is what makes ServerContext::IsCancelled valid for a request still queued (model.cc
+// drops those); a call object is deleted on the last of its completions.
+
+using gis = pb::GRPCInferenceService;
+using AsyncService = gis::WithRawMethod_ServerLive<gis::WithRawMethod_ServerReady<
+    gis::WithRawMethod_ModelReady<gis::WithRawMethod_ServerMetadata<
+        gis::WithRawMethod_ModelMetadata<gis::WithRawMethod_ModelInfer<
+            gis::WithRawMethod_ModelStreamInfer<gis::WithRawMethod_ModelConfig<
+                gis::WithRawMethod_ModelStatistics<gis::WithRawMethod_RepositoryIndex<
+                    gis::WithRawMethod_RepositoryModelLoad<
+                        gis::WithRawMethod_RepositoryModelUnload<gis::Service>>>>>>>>>>>>;
+
+// What the completion queue hands back: one pending operation of a call.
+struct Tag {
+  virtual void proceed(bool ok) = 0;
+
+ protected:
+  ~Tag() = default;
+};
+
+// A call's second (third...) tag: forwards the completion to one of its owner's methods.
+template <class T, void (T::*F)(bool)>
+struct Hop final : Tag {
+  T* owner;
+  explicit Hop(T* o) : owner(o) {}
+  void proceed(bool ok) override { (owner->*F)(ok); }
+};
+
+struct Rpc {
+  AsyncService service;
+  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs;
+};
+Rpc* g_rpc = nullptr;
+
+// ---------------------------------------------------------------------------------------------
+// The metadata, statistics and repository methods: answered on the queue's thread.
+
+bool draining() { return !g_core->accepting.load(); }
+Status shutting_down() { return Status(StatusCode::UNAVAILABLE, kShuttingDown); }
+
+Status do_ServerLive(const pb::ServerLiveRequest&, pb::ServerLiveResponse* o) {
+  o->set_live(true);
+  return Status::OK;
+}
+Status do_ServerReady(const pb::ServerReadyRequest&, pb::ServerReadyResponse* o) {
+  o->set_ready(!draining() && !g_core->all.empty());
+  return Status::OK;
+}
+Status do_ModelReady(const pb::ModelReadyRequest& r, pb::ModelReadyResponse* o) {
+  Status st;
+  o->set_ready(!draining() && g_core->find(r.name(), r.version(), &st) != nullptr);
+  return Status::OK;
+}
+Status do_ServerMetadata(const pb::ServerMetadataRequest&, pb::ServerMetadataResponse* o) {
+  if (draining()) return shutting_down();
+  *o = g_core->server_metadata;
+  return Status::OK;
+}
+Status do_ModelMetadata(const pb::ModelMetadataRequest& r, pb::ModelMetadataResponse* o) {
+  if (draining()) return shutting_down();
+  Status st;
+  ModelVersion* mv = g_core->find(r.name(), r.version(), &st);
+  if (!mv) return st;
+  *o = mv->metadata;
+  return Status::OK;
+}
+Status do_ModelConfig(const pb::ModelConfigRequest& r, pb::ModelConfigResponse* o) {
+  if (draining()) return shutting_down();
+  Status st;
+  ModelVersion* mv = g_core->find(r.name(), r.version(), &st);
+  if (!mv) return st;
+  *o = mv->config;
+  return Status::OK;
+}
+Status do_ModelStatistics(const pb::ModelStatisticsRequest& r, pb::ModelStatisticsResponse* o) {
+  if (draining()) return shutting_down();
+  if (r.name().empty()) {
+    for (ModelVersion* mv : g_core->all) g_core->fill_stats(mv, o->add_model_stats());
+    return Status::OK;
+  }
+  Status st;
+  ModelVersion* mv = g_core->find(r.name(), r.version(), &st);
+  if (!mv) return st;
+  if (!r.version().empty()) {
+    g_core->fill_stats(mv, o->add_model_stats());
+  } else {
+    for (auto& kv : g_core->models[r.name()].versions) g_core->fill_stats(kv.second.get(), o->add_model_stats());
+  }
+  return Status::OK;
+}
+Status do_RepositoryIndex(const pb::RepositoryIndexRequest&, pb::RepositoryIndexResponse* o) {
+  if (draining()) return shutting_down();
+  for (ModelVersion* mv : g_core->all) {
+    auto* m = o->add_models();
+    m->set_name(mv->name());
+    m->set_version(mv->version());
+    m->set_state("READY");
+  }
+  return Status::OK;
+}
+Status no_repository_control() {
+  return Status(StatusCode::FAILED_PRECONDITION,
+                "repository control is not available with --frontend native; restart the "
+                "server to change models");
+}
+Status do_RepositoryModelLoad(const pb::RepositoryModelLoadRequest&, pb::RepositoryModelLoadResponse*) {
+  if (draining()) return shutting_down();
+  return no_repository_control();
+}
+Status do_RepositoryModelUnload(const pb::RepositoryModelUnloadRequest&,
+                                pb::RepositoryModelUnloadResponse*) {
+  if (draining()) return shutting_down();
+  return no_repository_control();
+}
+
+// One method's raw call: request bytes in, response bytes (or an error status) out.
+using RequestFn = void (AsyncService::*)(grpc::ServerContext*, grpc::ByteBuffer*,
+                                         grpc::ServerAsyncResponseWriter<grpc::ByteBuffer>*,
+                                         grpc::CompletionQueue*, grpc::ServerCompletionQueue*,
+                                         void*);
+using HandleFn = Status (*)(const grpc::ByteBuffer*, grpc::ByteBuffer*);
+struct UnaryMethod {
+  RequestFn request;
+  HandleFn handle;
+};
+
+#define UNARY(METHOD, REQ, RESP)                                                  \
+  Status handle_##METHOD(const grpc::ByteBuffer* in, grpc::ByteBuffer* out) {     \
+    pb::REQ req;                                                                  \
+    pb::RESP resp;                                                                \
+    Status st = parse_request(in, &req);                                          \
+    if (st.ok()) st = do_##METHOD(req, &resp);                                    \
+    if (st.ok()) st = serialize_response(resp, out);                              \
+    return st;                                                                    \
+  }
+UNARY(ServerLive, ServerLiveRequest, ServerLiveResponse)
+UNARY(ServerReady, ServerReadyRequest, ServerReadyResponse)
+UNARY(ModelReady, ModelReadyRequest, ModelReadyResponse)
+UNARY(ServerMetadata, ServerMetadataRequest, ServerMetadataResponse)
+UNARY(ModelMetadata, ModelMetadataRequest, ModelMetadataResponse)
+UNARY(ModelConfig, ModelConfigRequest, ModelConfigResponse)
+UNARY(ModelStatistics, ModelStatisticsRequest, ModelStatisticsResponse)
+UNARY(RepositoryIndex, RepositoryIndexRequest, RepositoryIndexResponse)
+UNARY(RepositoryModelLoad, RepositoryModelLoadRequest, RepositoryModelLoadResponse)
+UNARY(RepositoryModelUnload, RepositoryModelUnloadRequest, RepositoryModelUnloadResponse)
+#undef UNARY
+
+const UnaryMethod kUnaryMethods[] = {
+    {&AsyncService::RequestServerLive, handle_ServerLive},
+    {&AsyncService::RequestServerReady, handle_ServerReady},
+    {&AsyncService::RequestModelReady, handle_ModelReady},
+    {&AsyncService::RequestServerMetadata, handle_ServerMetadata},
+    {&AsyncService::RequestModelMetadata, handle_ModelMetadata},
+    {&AsyncService::RequestModelConfig, handle_ModelConfig},
+    {&AsyncService::RequestModelStatistics, handle_ModelStatistics},
+    {&AsyncService::RequestRepositoryIndex, handle_RepositoryIndex},
+    {&AsyncService::RequestRepositoryModelLoad, handle_RepositoryModelLoad},
+    {&AsyncService::RequestRepositoryModelUnload, handle_RepositoryModelUnload},
+};
+
+// A call of one of kUnaryMethods. Completions: its arrival (then it is answered at once), and its
+// answer sent.
+class UnaryCall final : public Tag {
+ public:
+  // Asks gRPC for the method's next call.
+  static void await(const UnaryMethod* m, grpc::ServerCompletionQueue* cq) {
+    auto* c = new UnaryCall(m, cq);
+    (g_rpc->service.*(m->request))(&c->ctx_, &c->in_, &c->writer_, cq, cq, static_cast<Tag*>(c));
+  }
+  void proceed(bool ok) override {
+    if (answered_ || !ok) {  // the answer went out (or the client left), or no call came: shutdown
+      delete this;
+      return;
+    }
+    answered_ = true;
+    await(m_, cq_);  // the method's next call
+    Status st = m_->handle(&in_, &out_);
+    if (st.ok()) {
+      writer_.Finish(out_, st, static_cast<Tag*>(this));
+    } else {
+      writer_.FinishWithError(st, static_cast<Tag*>(this));
+    }
+  }
+
+ private:
+  UnaryCall(const UnaryMethod* m, grpc::ServerCompletionQueue* cq) : m_(m), cq_(cq) {}
+  const UnaryMethod* m_;
+  grpc::ServerCompletionQueue* cq_;
+  grpc::ServerContext ctx_;
+  grpc::ByteBuffer in_, out_;
+  grpc::ServerAsyncResponseWriter<grpc::ByteBuffer> writer_{&ctx_};
+  bool answered_ = false;
+};
+
+// ---------------------------------------------------------------------------------------------
 // ModelInfer (unary).
 
-struct UnaryPending final : Pending {
-  grpc::ServerUnaryReactor* reactor = nullptr;
-  grpc::ByteBuffer* out = nullptr;  // gRPC's response buffer
-  bool accepted = false;            // entered the server's in-flight count
+// A ModelInfer call, and its request's Pending. Completions: its arrival (parsed, validated and
+// queued or run inline there), its answer sent (Finish, from whichever thread ran it) and the call
+// done; it is deleted on the last of the last two.
+struct InferCall final : Pending, Tag {
+  grpc::ServerCompletionQueue* cq;
+  grpc::ServerContext sctx;
+  grpc::ByteBuffer in_bytes, out_bytes;
+  grpc::ServerAsyncResponseWriter<grpc::ByteBuffer> writer{&sctx};
   pb::ModelInferRequest own;
   pb::ModelInferResponse own_resp;
-  UnaryPending() {
+  bool accepted = false;  // entered the server's in-flight count
+  bool arrived = false;
+  int left = 2;  // completions still to come once arrived: answer sent, call done (queue thread only)
+  void on_call_done(bool) { release(); }
+  Hop<InferCall, &InferCall::on_call_done> done_tag{this};
+
+  explicit InferCall(grpc::ServerCompletionQueue* q) : cq(q) {
     req = &own;
     resp = &own_resp;
+    ctx = &sctx;
+    sctx.AsyncNotifyWhenDone(static_cast<Tag*>(&done_tag));
+  }
+  static void await(grpc::ServerCompletionQueue* q) {
+    auto* c = new InferCall(q);
+    g_rpc->service.RequestModelInfer(&c->sctx, &c->in_bytes, &c->writer, q, q, static_cast<Tag*>(c));
+  }
+  void proceed(bool ok) override {
+    if (arrived) {  // the answer went out (ok) or the call broke (!ok)
+      release();
+      return;
+    }
+    if (!ok) {  // shutdown: no call came (and no "done" will)
+      delete this;
+      return;
+    }
+    arrived = true;
+    await(cq);  // the next ModelInfer call
+    t_start = now_ns();
+    Status pst = parse_request(&in_bytes, &own);
+    if (!pst.ok()) {  // counted under "<unknown>" (mv is null)
+      done(pst);
+      return;
+    }
+    if (!g_core->enter()) {
+      mv = g_core->find_quiet(own);
+      done(Status(StatusCode::UNAVAILABLE, kShuttingDown));
+      return;
+    }
+    accepted = true;
+    Status st = g_core->submit(this);
+    if (!st.ok()) done(st);  // else this may be answered already: do not touch it
+  }
+  void release() {
+    if (--left == 0) delete this;
   }
   void done(const Status& st) override {
-    Status fst = st.ok() ? serialize_response(own_resp, out) : st;
+    Status fst = st.ok() ? serialize_response(own_resp, &out_bytes) : st;
     g_core->account(this, fst.error_code());
     if (accepted) g_core->leave();  // before the answer leaves: a client reading /metrics after it sees it gone
-    reactor->Finish(fst);
-    delete this;
+    if (fst.ok()) {
+      writer.Finish(out_bytes, fst, static_cast<Tag*>(this));
+    } else {
+      writer.FinishWithError(fst, static_cast<Tag*>(this));
+    }
+    // From here the queue's thread may delete this.
   }
 };
 
@@ -263,65 +521,99 @@ struct StreamPending final : Pending {
   void done(const Status& st) override;
 };
 
-// Threads: gRPC runs the reactions (OnReadDone, OnWriteDone, OnDone) on its own threads;
-// deliver() runs on a worker (on main via abort_queued; inside OnReadDone for a refused message
-// or one run inline, model.cc), and close() on main. OnReadDone handles its message before it
-// starts the next read, so two OnReadDone of one stream never overlap; OnWriteDone and a
-// worker's deliver() may run alongside and touch only state under mu_. Finish() is only ever
-// called with mu_ released; from then on OnDone (scheduled on a gRPC executor thread) may delete
-// this at any moment, so outside a reaction (where gRPC holds a reference) nothing may touch
-// `this` after Finish(). close() is called with Core::streams_mu held, which OnDone takes
-// before deleting, so close() never sees a dead call.
-class StreamCall final
-    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+// Threads: the call's completions (arrival, a read, a write, Finish, the call done) come on its
+// queue's thread; deliver() runs on a worker (on main via abort_queued; on the queue's thread for
+// a refused message or one run inline, model.cc), and close() on main. A read's completion
+// handles its message before the next read starts, so two never overlap; a write's completion
+// and a worker's deliver() may run alongside and touch only state under mu_. The call is deleted
+// (on the queue's thread) once Finish and the call's "done" have completed and no read or write
+// is pending; the deletion takes Core::streams_mu first, under which close() is called, so
+// close() never sees a dead call.
+class StreamCall final : public Tag {
  public:
-  explicit StreamCall(grpc::CallbackServerContext* ctx) : ctx_(ctx) {
+  static void await(grpc::ServerCompletionQueue* cq) {
+    auto* c = new StreamCall(cq);
+    g_rpc->service.RequestModelStreamInfer(&c->ctx_, &c->rw_, cq, cq, static_cast<Tag*>(c));
+  }
+
+  // The call's arrival.
+  void proceed(bool ok) override {
+    if (!ok) {  // shutdown: no call came (and no "done" will)
+      delete this;
+      return;
+    }
+    await(cq_);  // the next stream
     bool closing;
     {
       std::lock_guard<std::mutex> g(g_core->streams_mu);
       closing = g_core->streams_closing;
       if (!closing) g_core->streams.insert(this);
     }
+    std::lock_guard<std::mutex> g(mu_);
     if (closing) {  // the drain is ending the streams: this one too, before it reads anything
-      finished_ = true;  // no lock: no other thread knows this call yet
-      Finish(Status(StatusCode::UNAVAILABLE, kShuttingDown));
+      closing_ = true;
+      finish_if_due_locked();
       return;
     }
-    next_ = new StreamPending();
-    StartRead(&next_->in_bytes);
+    read_locked();
   }
-  ~StreamCall() override { delete next_; }
 
-  void OnReadDone(bool ok) override {
-    Status fst;
-    bool fin = false;
-    if (!ok) {  // client half-closed, or the call broke or was finished
-      {
-        std::lock_guard<std::mutex> g(mu_);
+  // A finished message (from a worker or a handler): write it, in completion order.
+  void deliver(StreamPending* p) {
+    std::lock_guard<std::mutex> g(mu_);
+    if (broken_ || finished_) {
+      retire_locked(p);
+      finish_if_due_locked();
+      return;
+    }
+    outq_.push_back(p);
+    if (!write_pending_) write_locked();
+  }
+
+  // The drain answered every accepted request (main, under Core::streams_mu): end the stream
+  // with UNAVAILABLE once what it has read is written (at once when idle); read no more.
+  void close() {
+    std::lock_guard<std::mutex> g(mu_);
+    closing_ = true;
+    finish_if_due_locked();
+  }
+
+ private:
+  explicit StreamCall(grpc::ServerCompletionQueue* cq) : cq_(cq) {
+    ctx_.AsyncNotifyWhenDone(static_cast<Tag*>(&done_tag_));
+  }
+  ~StreamCall() { delete next_; }
+
+  void on_read(bool ok) {
+    StreamPending* p;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      read_pending_ = false;
+      if (!ok) {  // client half-closed, or the call broke or was finished
         delete next_;
         next_ = nullptr;
         reads_done_ = true;
-        fin = finish_due_locked(&fst);
+        finish_if_due_locked();
+        if (!dead_locked()) return;
+      } else {
+        p = next_;
+        next_ = nullptr;
+        window_++;
+        handling_ = true;  // no Finish until this message is handled
       }
-      if (fin) Finish(fst);
+    }
+    if (!ok) {
+      destroy();
       return;
     }
-    StreamPending* p = next_;
-    next_ = nullptr;
     p->call = this;
-    p->ctx = ctx_;
+    p->ctx = &ctx_;
     p->t_start = now_ns();
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      window_++;
-      handling_ = true;  // no Finish until this reaction is done with `this`
-    }
     // The message is handled before the next one is read: a cheap model runs it inline here
-    // (model.cc), on this thread, and reading the next message first had the stream's next
-    // OnReadDone run on gRPC's other thread, handing the stream back and forth (server CPU a
-    // request over one stream at 16 in flight: 0.087-0.091 ms that way, 0.072-0.076 this way).
-    // A queued message (an expensive model) costs only the submit here, so the stream's next
-    // messages still reach the other sessions at once.
+    // (model.cc), and reading the next message first had the stream's next message handled on
+    // another thread, handing the stream back and forth (round 4). A queued message (an expensive
+    // model) costs only the submit here, so the stream's next messages still reach the other
+    // sessions at once.
     Status pst = parse_request(&p->in_bytes, &p->own);
     if (!pst.ok()) {  // in-band INVALID_ARGUMENT (empty id), counted under "<unknown>"; read on
       p->done(pst);
@@ -333,60 +625,22 @@ class StreamCall final
       Status st = g_core->submit(p);
       if (!st.ok()) p->done(st);
     }
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      handling_ = false;
-      if (!finished_ && !closing_) {  // else no more reads
-        if (window_ < kStreamWindow) {
-          next_ = new StreamPending();
-          StartRead(&next_->in_bytes);
-        } else {
-          paused_ = true;  // flow control: resumed when a response is written
-        }
-      }
-      fin = finish_due_locked(&fst);  // the drain's close() may have come meanwhile
-    }
-    if (fin) Finish(fst);
-  }
-
-  // A finished message (from a worker or a handler): write it, in completion order.
-  void deliver(StreamPending* p) {
-    Status fst;
-    bool fin = false;
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      if (broken_ || finished_) {
-        retire_locked(p);
-        fin = finish_due_locked(&fst);
+    std::lock_guard<std::mutex> g(mu_);
+    handling_ = false;
+    if (!finished_ && !closing_) {  // else no more reads
+      if (window_ < kStreamWindow) {
+        read_locked();
       } else {
-        outq_.push_back(p);
-        if (!writing_) {
-          writing_ = true;
-          StartWrite(&outq_.front()->out_bytes);
-        }
+        paused_ = true;  // flow control: resumed when a response is written
       }
     }
-    if (fin) Finish(fst);  // last use of this
+    finish_if_due_locked();  // the drain's close() may have come meanwhile
   }
 
-  // The drain answered every accepted request (main, under Core::streams_mu): end the stream
-  // with UNAVAILABLE once what it has read is written (at once when idle); read no more.
-  void close() {
-    Status fst;
-    bool fin;
+  void on_write(bool ok) {
     {
       std::lock_guard<std::mutex> g(mu_);
-      closing_ = true;
-      fin = finish_due_locked(&fst);
-    }
-    if (fin) Finish(fst);
-  }
-
-  void OnWriteDone(bool ok) override {
-    Status fst;
-    bool fin;
-    {
-      std::lock_guard<std::mutex> g(mu_);
+      write_pending_ = false;
       StreamPending* p = outq_.front();
       outq_.pop_front();
       retire_locked(p);
@@ -397,17 +651,69 @@ class StreamCall final
           outq_.pop_front();
         }
       }
-      if (!outq_.empty()) {
-        StartWrite(&outq_.front()->out_bytes);
-      } else {
-        writing_ = false;
-      }
-      fin = finish_due_locked(&fst);
+      if (!outq_.empty()) write_locked();
+      finish_if_due_locked();
+      if (!dead_locked()) return;
     }
-    if (fin) Finish(fst);
+    destroy();
   }
 
-  void OnDone() override {
+  void on_finish(bool) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      finish_pending_ = false;
+      if (!dead_locked()) return;
+    }
+    destroy();
+  }
+
+  void on_call_done(bool) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      call_done_ = true;
+      if (!dead_locked()) return;
+    }
+    destroy();
+  }
+
+  void read_locked() {
+    next_ = new StreamPending();
+    read_pending_ = true;
+    rw_.Read(&next_->in_bytes, static_cast<Tag*>(&read_tag_));
+  }
+  void write_locked() {
+    write_pending_ = true;
+    rw_.Write(outq_.front()->out_bytes, static_cast<Tag*>(&write_tag_));
+  }
+  void retire_locked(StreamPending* p) {
+    delete p;
+    window_--;
+    if (paused_ && window_ < kStreamWindow && !reads_done_ && !finished_ && !closing_) {
+      paused_ = false;
+      read_locked();
+    }
+  }
+  // Finishes the call once nothing it read is unanswered and no write is pending: OK after the
+  // client's half-close, UNAVAILABLE when the drain closes it.
+  void finish_if_due_locked() {
+    if (finished_ || write_pending_ || handling_ || window_ > 0) return;
+    Status st;
+    if (reads_done_) {
+      st = Status::OK;
+    } else if (closing_) {
+      st = Status(StatusCode::UNAVAILABLE, kShuttingDown);
+    } else {
+      return;
+    }
+    finished_ = true;
+    finish_pending_ = true;
+    rw_.Finish(st, static_cast<Tag*>(&finish_tag_));
+  }
+  // Every operation of the call has completed: nothing will touch it again.
+  bool dead_locked() const {
+    return finished_ && !finish_pending_ && call_done_ && !read_pending_ && !write_pending_;
+  }
+  void destroy() {
     {
       std::lock_guard<std::mutex> g(g_core->streams_mu);
       g_core->streams.erase(this);
@@ -415,39 +721,21 @@ class StreamCall final
     delete this;
   }
 
- private:
-  void retire_locked(StreamPending* p) {
-    delete p;
-    window_--;
-    if (paused_ && window_ < kStreamWindow && !reads_done_ && !finished_ && !closing_) {
-      paused_ = false;
-      next_ = new StreamPending();
-      StartRead(&next_->in_bytes);
-    }
-  }
-  // Whether the call is to be finished now, with *st; if so it is marked finished and the caller
-  // calls Finish(*st) once mu_ is released.
-  bool finish_due_locked(Status* st) {
-    if (finished_ || writing_ || handling_ || window_ > 0) return false;
-    if (reads_done_) {
-      *st = Status::OK;
-    } else if (closing_) {
-      *st = Status(StatusCode::UNAVAILABLE, kShuttingDown);
-    } else {
-      return false;
-    }
-    finished_ = true;
-    return true;
-  }
-
-  grpc::CallbackServerContext* ctx_;
+  grpc::ServerCompletionQueue* cq_;
+  grpc::ServerContext ctx_;
+  grpc::ServerAsyncReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer> rw_{&ctx_};
+  Hop<StreamCall, &StreamCall::on_read> read_tag_{this};
+  Hop<StreamCall, &StreamCall::on_write> write_tag_{this};
+  Hop<StreamCall, &StreamCall::on_finish> finish_tag_{this};
+  Hop<StreamCall, &StreamCall::on_call_done> done_tag_{this};
   std::mutex mu_;
   StreamPending* next_ = nullptr;  // the message being read
   std::deque<StreamPending*> outq_;  // front: being written
   int window_ = 0;  // messages read and not yet written or dropped
-  bool writing_ = false, reads_done_ = false, finished_ = false, paused_ = false, broken_ = false;
+  bool read_pending_ = false, write_pending_ = false, finish_pending_ = false, call_done_ = false;
+  bool reads_done_ = false, finished_ = false, paused_ = false, broken_ = false;
   bool closing_ = false;  // the drain asked it to end
-  bool handling_ = false;  // OnReadDone is handling a message (and will read on or finish)
+  bool handling_ = false;  // a read's completion is handling its message (and will read on or finish)
 };
 
 void StreamPending::done(const Status& st) {
@@ -474,155 +762,79 @@ void StreamPending::done(const Status& st) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The service.
+// grpc.health.v1 (health.proto): "" (the server), inference.GRPCInferenceService and each
+// model's name are SERVING until the drain begins, then NOT_SERVING. Check on any other name gets
+// NOT_FOUND, Watch SERVICE_UNKNOWN, as gRPC's and grpcio-health-checking's services answer. A
+// sync service, on gRPC's sync-server threads as reflection is (see the RPC layer's comment for
+// why not gRPC's default one).
+namespace hv1 = grpc::health::v1;
 
-using gis = pb::GRPCInferenceService;
-using RawService = gis::WithRawCallbackMethod_ServerLive<gis::WithRawCallbackMethod_ServerReady<
-    gis::WithRawCallbackMethod_ModelReady<gis::WithRawCallbackMethod_ServerMetadata<
-        gis::WithRawCallbackMethod_ModelMetadata<gis::WithRawCallbackMethod_ModelInfer<
-            gis::WithRawCallbackMethod_ModelStreamInfer<gis::WithRawCallbackMethod_ModelConfig<
-                gis::WithRawCallbackMethod_ModelStatistics<gis::WithRawCallbackMethod_RepositoryIndex<
-                    gis::WithRawCallbackMethod_RepositoryModelLoad<
-                        gis::WithRawCallbackMethod_RepositoryModelUnload<gis::Service>>>>>>>>>>>>;
-
-class Service final : public RawService {
+class HealthService final : public hv1::Health::Service {
  public:
-  explicit Service(Core* c) : core_(c) {}
-
-#define UNARY(METHOD, REQ, RESP)                                                             \
-  grpc::ServerUnaryReactor* METHOD(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in, \
-                                   grpc::ByteBuffer* out) override {                         \
-    auto* r = ctx->DefaultReactor();                                                         \
-    pb::REQ req;                                                                             \
-    pb::RESP resp;                                                                           \
-    Status st = parse_request(in, &req);                                                     \
-    if (st.ok()) st = do_##METHOD(req, &resp);                                               \
-    if (st.ok()) st = serialize_response(resp, out);                                         \
-    r->Finish(st);                                                                           \
-    return r;                                                                                \
+  void add(const std::string& name) { names_.insert(name); }  // before the server starts
+  // The drain began: every name NOT_SERVING (watchers are told).
+  void set_not_serving() {
+    std::lock_guard<std::mutex> g(mu_);
+    serving_ = false;
+    changes_++;
+    cv_.notify_all();
   }
-  UNARY(ServerLive, ServerLiveRequest, ServerLiveResponse)
-  UNARY(ServerReady, ServerReadyRequest, ServerReadyResponse)
-  UNARY(ModelReady, ModelReadyRequest, ModelReadyResponse)
-  UNARY(ServerMetadata, ServerMetadataRequest, ServerMetadataResponse)
-  UNARY(ModelMetadata, ModelMetadataRequest, ModelMetadataResponse)
-  UNARY(ModelConfig, ModelConfigRequest, ModelConfigResponse)
-  UNARY(ModelStatistics, ModelStatisticsRequest, ModelStatisticsResponse)
-  UNARY(RepositoryIndex, RepositoryIndexRequest, RepositoryIndexResponse)
-  UNARY(RepositoryModelLoad, RepositoryModelLoadRequest, RepositoryModelLoadResponse)
-  UNARY(RepositoryModelUnload, RepositoryModelUnloadRequest, RepositoryModelUnloadResponse)
-#undef UNARY
-
-  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in,
-                                       grpc::ByteBuffer* out) override {
-    auto* p = new UnaryPending();
-    p->t_start = now_ns();
-    p->reactor = ctx->DefaultReactor();
-    p->out = out;
-    p->ctx = ctx;
-    auto* r = p->reactor;
-    Status pst = parse_request(in, &p->own);
-    if (!pst.ok()) {  // counted under "<unknown>" (p->mv is null)
-      p->done(pst);
-      return r;
-    }
-    if (!core_->enter()) {
-      p->mv = core_->find_quiet(p->own);
-      p->done(Status(StatusCode::UNAVAILABLE, kShuttingDown));
-      return r;
-    }
-    p->accepted = true;
-    Status st = core_->submit(p);
-    if (!st.ok()) p->done(st);  // p may be gone once queued: do not touch it after submit
-    return r;
+  // The server is about to stop: Watch calls end (UNAVAILABLE), so none holds the shutdown.
+  void close() {
+    std::lock_guard<std::mutex> g(mu_);
+    closed_ = true;
+    cv_.notify_all();
   }
 
-  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ModelStreamInfer(
-      grpc::CallbackServerContext* ctx) override {
-    return new StreamCall(ctx);
+  grpc::Status Check(grpc::ServerContext*, const hv1::HealthCheckRequest* r,
+                     hv1::HealthCheckResponse* o) override {
+    if (!names_.count(r->service()))
+      return Status(StatusCode::NOT_FOUND, "unknown service '" + r->service() + "'; health is served for '' (the server), " +
+                                               "inference.GRPCInferenceService and each model's name");
+    std::lock_guard<std::mutex> g(mu_);
+    o->set_status(serving_ ? hv1::HealthCheckResponse::SERVING : hv1::HealthCheckResponse::NOT_SERVING);
+    return Status::OK;
+  }
+
+  grpc::Status Watch(grpc::ServerContext* ctx, const hv1::HealthCheckRequest* r,
+                     grpc::ServerWriter<hv1::HealthCheckResponse>* w) override {
+    const bool known = names_.count(r->service()) > 0;
+    int64_t sent = -1;
+    std::unique_lock<std::mutex> lk(mu_);
+    while (true) {
+      if (sent != changes_) {
+        sent = changes_;
+        hv1::HealthCheckResponse o;
+        o.set_status(!known ? hv1::HealthCheckResponse::SERVICE_UNKNOWN
+                     : serving_ ? hv1::HealthCheckResponse::SERVING
+                                : hv1::HealthCheckResponse::NOT_SERVING);
+        lk.unlock();
+        const bool ok = w->Write(o);
+        lk.lock();
+        if (!ok) return Status(StatusCode::CANCELLED, "the client is gone");
+      }
+      if (closed_) return Status(StatusCode::UNAVAILABLE, kShuttingDown);
+      // A sync handler gets no wake-up when its client leaves: it looks once a second.
+      cv_.wait_for(lk, std::chrono::seconds(1), [&] { return sent != changes_ || closed_; });
+      if (ctx->IsCancelled()) return Status(StatusCode::CANCELLED, "the client is gone");
+    }
   }
 
  private:
-  bool draining() const { return !core_->accepting.load(); }
-  static Status shutting_down() { return Status(StatusCode::UNAVAILABLE, kShuttingDown); }
-
-  Status do_ServerLive(const pb::ServerLiveRequest&, pb::ServerLiveResponse* o) {
-    o->set_live(true);
-    return Status::OK;
-  }
-  Status do_ServerReady(const pb::ServerReadyRequest&, pb::ServerReadyResponse* o) {
-    o->set_ready(!draining() && !core_->all.empty());
-    return Status::OK;
-  }
-  Status do_ModelReady(const pb::ModelReadyRequest& r, pb::ModelReadyResponse* o) {
-    Status st;
-    o->set_ready(!draining() && core_->find(r.name(), r.version(), &st) != nullptr);
-    return Status::OK;
-  }
-  Status do_ServerMetadata(const pb::ServerMetadataRequest&, pb::ServerMetadataResponse* o) {
-    if (draining()) return shutting_down();
-    *o = core_->server_metadata;
-    return Status::OK;
-  }
-  Status do_ModelMetadata(const pb::ModelMetadataRequest& r, pb::ModelMetadataResponse* o) {
-    if (draining()) return shutting_down();
-    Status st;
-    ModelVersion* mv = core_->find(r.name(), r.version(), &st);
-    if (!mv) return st;
-    *o = mv->metadata;
-    return Status::OK;
-  }
-  Status do_ModelConfig(const pb::ModelConfigRequest& r, pb::ModelConfigResponse* o) {
-    if (draining()) return shutting_down();
-    Status st;
-    ModelVersion* mv = core_->find(r.name(), r.version(), &st);
-    if (!mv) return st;
-    *o = mv->config;
-    return Status::OK;
-  }
-  Status do_ModelStatistics(const pb::ModelStatisticsRequest& r, pb::ModelStatisticsResponse* o) {
-    if (draining()) return shutting_down();
-    if (r.name().empty()) {
-      for (ModelVersion* mv : core_->all) core_->fill_stats(mv, o->add_model_stats());
-      return Status::OK;
-    }
-    Status st;
-    ModelVersion* mv = core_->find(r.name(), r.version(), &st);
-    if (!mv) return st;
-    if (!r.version().empty()) {
-      core_->fill_stats(mv, o->add_model_stats());
-    } else {
-      for (auto& kv : core_->models[r.name()].versions) core_->fill_stats(kv.second.get(), o->add_model_stats());
-    }
-    return Status::OK;
-  }
-  Status do_RepositoryIndex(const pb::RepositoryIndexRequest&, pb::RepositoryIndexResponse* o) {
-    if (draining()) return shutting_down();
-    for (ModelVersion* mv : core_->all) {
-      auto* m = o->add_models();
-      m->set_name(mv->name());
-      m->set_version(mv->version());
-      m->set_state("READY");
-    }
-    return Status::OK;
-  }
-  static Status no_repository_control() {
-    return Status(StatusCode::FAILED_PRECONDITION,
-                  "repository control is not available with --frontend native; restart the "
-                  "server to change models");
-  }
-  Status do_RepositoryModelLoad(const pb::RepositoryModelLoadRequest&, pb::RepositoryModelLoadResponse*) {
-    if (draining()) return shutting_down();
-    return no_repository_control();
-  }
-  Status do_RepositoryModelUnload(const pb::RepositoryModelUnloadRequest&,
-                                  pb::RepositoryModelUnloadResponse*) {
-    if (draining()) return shutting_down();
-    return no_repository_control();
-  }
-
-  Core* core_;
+  std::set<std::string> names_;  // fixed once serving
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool serving_ = true, closed_ = false;
+  int64_t changes_ = 0;
 };
+
+// The queues' threads: each drains its completion queue until the queue is shut down and empty.
+void drain_queue(grpc::ServerCompletionQueue* cq) {
+  pthread_setname_np(pthread_self(), "bnn-grpc");
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq->Next(&tag, &ok)) static_cast<Tag*>(tag)->proceed(ok);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Start-up.
@@ -862,9 +1074,18 @@ int main(int argc, char** argv) {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   gpr_set_log_function(grpc_log);
   google::protobuf::SetLogHandler(protobuf_log);
-  grpc::EnableDefaultHealthCheckService(true);
+  grpc::EnableDefaultHealthCheckService(false);  // ours: HealthService
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  Service service(&core);
+  static Rpc rpc;
+  g_rpc = &rpc;
+  static HealthService health;
+  health.add("");
+  health.add("inference.GRPCInferenceService");
+  std::string names;
+  for (auto& kv : core.models) {
+    health.add(kv.first);
+    names += (names.empty() ? "" : ", ") + kv.first;
+  }
   grpc::ServerBuilder b;
   int bound = 0;
   std::string security;
@@ -873,21 +1094,26 @@ int main(int argc, char** argv) {
   int maxmsg = int(std::min<int64_t>(plan.max_message_bytes, INT32_MAX));
   b.SetMaxReceiveMessageSize(maxmsg);
   b.SetMaxSendMessageSize(maxmsg);
-  b.RegisterService(&service);
+  b.RegisterService(&rpc.service);
+  b.RegisterService(&health);
+  // One completion queue and thread for every 4 cores (at least one): threads that share a
+  // queue take turns at its poller, the hand-off this layer is built to avoid.
+  const unsigned nq = std::max(1u, std::thread::hardware_concurrency() / 4);
+  for (unsigned i = 0; i < nq; ++i) rpc.cqs.push_back(b.AddCompletionQueue());
   std::unique_ptr<grpc::Server> server = b.BuildAndStart();
   if (!server || bound == 0) die("cannot listen on " + host_port(plan.host, plan.port) + " (port in use?)");
+  // Calls are asked for ahead, on every queue; each call that comes asks for the next one. A call
+  // that finds none asked for waits in gRPC until one is.
+  for (auto& cq : rpc.cqs) {
+    for (const UnaryMethod& m : kUnaryMethods)
+      for (int i = 0; i < 2; ++i) UnaryCall::await(&m, cq.get());
+    for (int i = 0; i < 64; ++i) InferCall::await(cq.get());
+    for (int i = 0; i < 8; ++i) StreamCall::await(cq.get());
+  }
+  std::vector<std::thread> cq_threads;
+  for (auto& cq : rpc.cqs) cq_threads.emplace_back(drain_queue, cq.get());
 
   g_grpc_quiet.store(false);
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  std::string names;
-  if (health) {
-    health->SetServingStatus("", true);
-    health->SetServingStatus("inference.GRPCInferenceService", true);
-  }
-  for (auto& kv : core.models) {
-    if (health) health->SetServingStatus(kv.first, true);
-    names += (names.empty() ? "" : ", ") + kv.first;
-  }
   logf(kInfo, "serving %s on %s (native, %s; metrics %s) in %.2f s", names.c_str(),
        host_port(plan.host, bound).c_str(), security.c_str(), metrics_desc.c_str(),
        double(now_ns() - t_start) * 1e-9);
@@ -899,7 +1125,7 @@ int main(int argc, char** argv) {
   const auto drain_deadline = std::chrono::system_clock::now() +
                               std::chrono::microseconds(int64_t(plan.grace_s * 1e6));
   core.accepting.store(false);
-  if (health) health->Shutdown();  // every service NOT_SERVING
+  health.set_not_serving();
   logf(kInfo, "draining: %lld request(s) in flight, grace %g s",
        (long long)core.inflight.load(), plan.grace_s);
   int64_t unanswered = 0;
@@ -922,9 +1148,14 @@ int main(int argc, char** argv) {
     Status st(StatusCode::UNAVAILABLE, "server shut down before the request ran (drain grace ran out)");
     for (ModelVersion* mv : core.all) mv->abort_queued(st);
   }
+  health.close();
+  // Returns once every call is done (the queues' threads keep answering meanwhile); calls asked
+  // for and never come complete with !ok.
   server->Shutdown(drained ? drain_deadline : std::chrono::system_clock::now());
   server->Wait();
   for (ModelVersion* mv : core.all) mv->stop();
+  for (auto& cq : rpc.cqs) cq->Shutdown();  // nothing starts an operation any more
+  for (std::thread& t : cq_threads) t.join();
   metrics.stop();
   if (!drained) {
     logf(kError, "grace of %g s ran out: %lld request(s) in flight were cancelled unanswered",

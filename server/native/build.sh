@@ -92,12 +92,15 @@ mkdir -p "$OUT/gen" "$OUT/lib"
 ln -sfn "$ORT_LIB" "$OUT/lib/libonnxruntime.so.1"
 ln -sfn "$ORT_LIB" "$OUT/lib/libonnxruntime.so"
 
-# 4. Generated code from the repo's proto (regenerated only when the proto changes).
-PROTO=$REPO/proto/inference.proto
-if [[ ! -f $OUT/gen/inference.grpc.pb.cc || $PROTO -nt $OUT/gen/inference.grpc.pb.cc ]]; then
-    protoc -I "$REPO/proto" --cpp_out="$OUT/gen" --grpc_out="$OUT/gen" \
-        --plugin=protoc-gen-grpc="$(command -v grpc_cpp_plugin)" "$PROTO"
-fi
+# 4. Generated code from the repo's proto and the health protocol's (each regenerated only when
+# its proto changes).
+for PROTO in "$REPO/proto/inference.proto" "$HERE/health.proto"; do
+    base=$(basename "${PROTO%.proto}")
+    if [[ ! -f $OUT/gen/$base.grpc.pb.cc || $PROTO -nt $OUT/gen/$base.grpc.pb.cc ]]; then
+        protoc -I "$(dirname "$PROTO")" --cpp_out="$OUT/gen" --grpc_out="$OUT/gen" \
+            --plugin=protoc-gen-grpc="$(command -v grpc_cpp_plugin)" "$PROTO"
+    fi
+done
 step "protoc"
 
 # 5. Compile (our sources with -Wall -Wextra; generated code without) and link.
@@ -107,7 +110,8 @@ WARN="-Wall -Wextra"
 PKG_CFLAGS=($(pkg-config --cflags grpc++ protobuf))
 objs=()
 pids=()
-srcs=("$OUT/gen/inference.pb.cc" "$OUT/gen/inference.grpc.pb.cc" "$HERE"/*.cc)
+srcs=("$OUT/gen/inference.pb.cc" "$OUT/gen/inference.grpc.pb.cc" "$OUT/gen/health.pb.cc"
+      "$OUT/gen/health.grpc.pb.cc" "$HERE"/*.cc)
 for src in "${srcs[@]}"; do
     obj=$OUT/$(basename "${src%.cc}").o
     flags=$CXXFLAGS

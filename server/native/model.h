@@ -80,7 +80,7 @@ struct Pending {
   virtual ~Pending() = default;
   const pb::ModelInferRequest* req = nullptr;
   pb::ModelInferResponse* resp = nullptr;
-  grpc::CallbackServerContext* ctx = nullptr;
+  grpc::ServerContextBase* ctx = nullptr;  // its call's: deadline, IsCancelled
   ModelVersion* mv = nullptr;  // null until resolved
   int64_t t_start = 0, t_enq = 0;
   int64_t rows = 0;

@@ -2,18 +2,18 @@
 //
 // Python loads settings, scans the repository, runs the frozen-model and batch-invariance gates,
 // writes a JSON plan and execs `bnserve_native --plan PLAN.json`. This binary then serves the
-// KServe V2 / Open Inference Protocol over gRPC (proto/inference.proto) with gRPC's callback
-// API: unary handlers validate and queue a request and return; the model version's worker
-// threads (one per onnxruntime session, model.cc) batch compatible requests, run them and
-// finish the calls. A cheap model's request (batches under 500 us) with nothing queued and a
-// session free runs inline instead, on the handler's thread, and is answered before it returns.
-// ModelStreamInfer handles each message before reading the next (a queued one costs only its
-// submit), holds at most kStreamWindow unwritten per stream and writes responses in completion
-// order.
+// KServe V2 / Open Inference Protocol over gRPC (proto/inference.proto) with gRPC's async API:
+// one completion queue and one thread (bnn-grpc) for every 4 cores see each call arrive,
+// validate and queue its request; the model version's worker threads (one per onnxruntime
+// session, model.cc) batch compatible requests, run them and finish the calls. A cheap model's
+// request (batches under 500 us) with nothing queued and a session free runs inline instead, on
+// the queue's thread, and is answered there. ModelStreamInfer handles each message before
+// reading the next (a queued one costs only its submit), holds at most kStreamWindow unwritten
+// per stream and writes responses in completion order.
 // Every method is registered raw (grpc::ByteBuffer in and out, parsed and serialized here; see
 // parse_request) so undecodable request bytes get INVALID_ARGUMENT, as on the Python front end.
-// Also: grpc.health.v1 Health, server reflection, Prometheus text metrics (metrics.cc),
-// graceful drain on SIGTERM/SIGINT.
+// Also: grpc.health.v1 Health (our own, health.proto), server reflection, Prometheus text
+// metrics (metrics.cc), graceful drain on SIGTERM/SIGINT.
 
 #include <absl/synchronization/mutex.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
@@ -188,9 +188,9 @@ class Core {
 Core* g_core = nullptr;
 
 // ---------------------------------------------------------------------------------------------
-// Request parsing and response serialization. gRPC C++'s typed callback handlers answer request
-// bytes that do not parse with UNIMPLEMENTED and an empty message; so every method is
-// registered raw and parses here: INVALID_ARGUMENT, saying what was expected (the Python front
+// Request parsing and response serialization. gRPC C++'s typed handlers answer request bytes
+// that do not parse with UNIMPLEMENTED and an empty message; so every method is registered raw
+// and parses here: INVALID_ARGUMENT, saying what was expected (the Python front
 // end's wording, server/servicer.py Undecodable).
 
 // Parses *in into *msg. gRPC owns *in (allocated for this call, never read again by gRPC): the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -637,6 +638,103 @@ def test_new_calls_during_the_drain_get_unavailable() -> None:
         assert s.proc.wait(60) == 0
     finally:
         s.kill()
+
+
+def test_the_drain_ends_idle_streams_and_health_watches(digits_x: np.ndarray) -> None:
+    """Health is the server's own (not gRPC's default service): Check and Watch answer as
+    grpcio-health-checking's service does, Watch follows the drain, and neither an idle
+    ModelStreamInfer stream (a read pending) nor a Watch holds the shutdown for the grace."""
+    s = NativeServer(BUNDLED, "--instances", "1", "--grace", "60")
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "unknown service 'nope'" in err.value.details()
+            unknown = health.Watch(health_pb2.HealthCheckRequest(service="nope"), timeout=60)
+            assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            unknown.cancel()
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="digits"), timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            requests: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+            stream = stub.ModelStreamInfer(iter(requests.get, None), timeout=60)
+            requests.put(infer_request(digits_x[:2], request_id="a"))
+            first = next(stream)
+            assert not first.error_message and first.infer_response.id == "a"
+
+            t0 = time.monotonic()
+            s.proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                next(watch)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                next(stream)  # idle: ended with UNAVAILABLE once the drain is done
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in err.value.details()
+            requests.put(None)
+        assert s.proc.wait(60) == 0, "".join(s.log[-20:])
+        # Well inside the 60 s grace: nothing waited for it.
+        assert time.monotonic() - t0 < 30
+        assert "stopped cleanly" in "".join(s.log)
+    finally:
+        s.kill()
+
+
+def test_queued_requests_past_their_deadline_or_cancelled_are_not_run() -> None:
+    """One vol3d session kept busy by 32-row requests (~0.12 s each). Requests queued behind
+    them with a 50 ms deadline, and requests the client cancels while queued, are dropped from
+    the queue (the worker checks each call's deadline and whether its client is gone) and never
+    run: ModelStatistics counts only the rows of the requests that were answered."""
+    s = NativeServer(BUNDLED, "--instances", "1")
+    big = _vol3d_rows(32, seed=11)
+    one = big[:1]
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            busy = [
+                stub.ModelInfer.future(infer_request(big, model="vol3d"), timeout=120)
+                for _ in range(8)
+            ]
+            assert _wait_inflight(s, 8) >= 8
+            late = [
+                stub.ModelInfer.future(infer_request(one, model="vol3d"), timeout=0.05)
+                for _ in range(4)
+            ]
+            gone = [
+                stub.ModelInfer.future(infer_request(one, model="vol3d"), timeout=120)
+                for _ in range(4)
+            ]
+            assert _wait_inflight(s, 16) >= 13  # some of the late ones may be gone already
+            for f in gone:
+                assert f.cancel()
+            for f in busy:
+                assert logits_of(f.result()).shape == (32, 3)
+            for f in late:
+                with pytest.raises(grpc.RpcError) as err:
+                    f.result()
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The server answers the dropped ones too (to no one): wait until all 16 are counted.
+            wait_for(lambda: s.metric("bnserve_inflight_requests") == 0, what="queue drained")
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="vol3d"), timeout=10)
+            assert stats.model_stats[0].inference_count == 8 * 32
+            failed = {
+                code: s.metric(
+                    "bnserve_request_failure_total", model="vol3d", version="1", code=code
+                )
+                for code in ("DEADLINE_EXCEEDED", "CANCELLED")
+            }
+            assert failed == {"DEADLINE_EXCEEDED": 4, "CANCELLED": 4}
+            # and it goes on serving
+            assert logits_of(
+                stub.ModelInfer(infer_request(one, model="vol3d"), timeout=60)
+            ).shape == (1, 3)
+    finally:
+        assert s.stop(60) == 0
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
     python bench/soak.py --seconds 600            # `make soak`
     python bench/soak.py --seconds 20 --json      # what tests/reliability/test_soak.py runs
+    python bench/soak.py --frontend native        # the C++ front end (`make native` first)
 
 Every request carries a unique id; every answer is checked against onnxruntime in-process on
 the same file (bitwise), and accounted: nothing may be lost (a request without an answer) or
@@ -244,7 +245,9 @@ def run(args: argparse.Namespace) -> int:
     repo = Path(args.repo).resolve()
     inputs = Inputs.make(repo)
     try:
-        server = ServerProcess(repo, "--instances", str(args.instances), "--grace", "30")
+        server = ServerProcess(
+            repo, "--instances", str(args.instances), "--grace", "30", "--frontend", args.frontend
+        )
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -360,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-clients", type=int, default=2, help="stream client threads (2)")
     p.add_argument("--vol3d-every", type=int, default=20, help="every Nth request is vol3d")
     p.add_argument("--rss-limit-mb", type=float, default=50.0, help="allowed RSS growth (50)")
+    p.add_argument(
+        "--frontend",
+        choices=("python", "native"),
+        default="python",
+        help="the server's front end (python; native needs `make native`)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
     return run(p.parse_args(argv))
 

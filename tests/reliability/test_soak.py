@@ -1,6 +1,7 @@
-"""A short soak: bench/soak.py for 60 s against a `bnserve serve` subprocess (the full 10-minute
-run is `make soak`). Nothing lost, nothing answered twice, every answer right, no errors, server
-RSS growth under 50 MB, clean exit on SIGTERM."""
+"""A short soak: bench/soak.py against a `bnserve serve` subprocess, 60 s on the Python front end
+and 30 s on the native one (the full 10-minute run is `make soak`; `--frontend native` for the
+C++ one). Nothing lost, nothing answered twice, every answer right, no errors, server RSS growth
+under 50 MB, clean exit on SIGTERM."""
 
 from __future__ import annotations
 
@@ -11,19 +12,32 @@ import sys
 import pytest
 from rel_helpers import ROOT
 
-SOAK_SECONDS = 60
+from bnserve.server import native_frontend as native
 
-pytestmark = pytest.mark.timeout(SOAK_SECONDS + 240)
+SOAK_SECONDS = {"python": 60, "native": 30}
+
+pytestmark = pytest.mark.timeout(max(SOAK_SECONDS.values()) + 240)
 
 
-def test_soak_60s() -> None:
-    cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--seconds", str(SOAK_SECONDS)]
+@pytest.mark.parametrize("frontend", ["python", "native"])
+def test_soak(frontend: str) -> None:
+    if frontend == "native":
+        try:
+            native.binary()
+        except native.NativeUnavailableError as exc:  # make test builds it: missing is a failure
+            pytest.fail(str(exc))
+    seconds = SOAK_SECONDS[frontend]
+    cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--seconds", str(seconds)]
     done = subprocess.run(
-        [*cmd, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=SOAK_SECONDS + 200
+        [*cmd, "--frontend", frontend, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 200,
     )
     assert done.stdout.strip(), done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"\nsoak: {report}")
+    print(f"\nsoak ({frontend}): {report}")
     assert done.returncode == 0, report["problems"]
     assert report["requests"] > 0 and report["answers"] == report["requests"]
     assert report["lost"] == report["duplicates"] == report["wrong_answers"] == 0

@@ -227,8 +227,10 @@ Status serialize_response(const M& msg, grpc::ByteBuffer* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The RPC layer: gRPC C++'s async API. Every method is registered raw and asynchronous, and
-// every call's completions come back on one completion queue, drained by one thread (bnn-grpc).
+// The RPC layer: gRPC C++'s async API. Every method is registered raw and asynchronous; calls
+// arrive on a completion queue drained by one thread (bnn-grpc; one queue and thread per 4
+// cores), where a stream's operations also complete; a unary call's own completions go to that
+// thread's quiet queue (QuietQueue).
 //
 // Why not the callback API (used up to round 7): in gRPC 1.51 a server with any callback method
 // gets two "nexting" threads that take turns at the process's one epoll poller and hand it over

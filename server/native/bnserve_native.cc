@@ -241,9 +241,10 @@ Status serialize_response(const M& msg, grpc::ByteBuffer* out) {
 // health service is ours (HealthService, a sync service like reflection's; gRPC's default one is
 // built on the callback API).
 //
-// Deadlines and cancellation: every call asks for its "done" completion (AsyncNotifyWhenDone),
-// which is what makes ServerContext::IsCancelled valid for a request still queued (model.cc
-// drops those); a call object is deleted on the last of its completions.
+// Deadlines and cancellation: ModelInfer and ModelStreamInfer calls ask for their "done"
+// completion (AsyncNotifyWhenDone), which is what makes ServerContext::IsCancelled valid for a
+// request still queued (model.cc drops those); a call object is deleted on the last of its
+// completions.
 
 using gis = pb::GRPCInferenceService;
 using AsyncService = gis::WithRawMethod_ServerLive<gis::WithRawMethod_ServerReady<
@@ -423,6 +424,17 @@ const UnaryMethod kUnaryMethods[] = {
     {&AsyncService::RequestRepositoryModelUnload, handle_RepositoryModelUnload},
 };
 
+// Answers a unary call: the response bytes, or the error status (gRPC's writer sends no message
+// with an error).
+void answer(grpc::ServerAsyncResponseWriter<grpc::ByteBuffer>* w, const grpc::ByteBuffer& out,
+            const Status& st, Tag* tag) {
+  if (st.ok()) {
+    w->Finish(out, st, tag);
+  } else {
+    w->FinishWithError(st, tag);
+  }
+}
+
 // A call of one of kUnaryMethods. Completions: its arrival (then it is answered at once), and its
 // answer sent.
 class UnaryCall final : public Tag {
@@ -446,12 +458,7 @@ class UnaryCall final : public Tag {
     answered_ = true;
     q_->open++;
     await(m_, q_);  // the method's next call
-    Status st = m_->handle(&in_, &out_);
-    if (st.ok()) {
-      writer_.Finish(out_, st, static_cast<Tag*>(this));
-    } else {
-      writer_.FinishWithError(st, static_cast<Tag*>(this));
-    }
+    answer(&writer_, out_, m_->handle(&in_, &out_), this);
   }
 
  private:
@@ -530,11 +537,7 @@ struct InferCall final : Pending, Tag {
     Status fst = st.ok() ? serialize_response(own_resp, &out_bytes) : st;
     g_core->account(this, fst.error_code());
     if (accepted) g_core->leave();  // before the answer leaves: a client reading /metrics after it sees it gone
-    if (fst.ok()) {
-      writer.Finish(out_bytes, fst, static_cast<Tag*>(this));
-    } else {
-      writer.FinishWithError(fst, static_cast<Tag*>(this));
-    }
+    answer(&writer, out_bytes, fst, this);
     // From here the queue's thread may delete this.
   }
 };
@@ -811,7 +814,6 @@ class HealthService final : public hv1::Health::Service {
   void set_not_serving() {
     std::lock_guard<std::mutex> g(mu_);
     serving_ = false;
-    changes_++;
     cv_.notify_all();
   }
   // The server is about to stop: Watch calls end (UNAVAILABLE), so none holds the shutdown.
@@ -827,22 +829,20 @@ class HealthService final : public hv1::Health::Service {
       return Status(StatusCode::NOT_FOUND, "unknown service '" + r->service() + "'; health is served for '' (the server), " +
                                                "inference.GRPCInferenceService and each model's name");
     std::lock_guard<std::mutex> g(mu_);
-    o->set_status(serving_ ? hv1::HealthCheckResponse::SERVING : hv1::HealthCheckResponse::NOT_SERVING);
+    o->set_status(status_locked(true));
     return Status::OK;
   }
 
   grpc::Status Watch(grpc::ServerContext* ctx, const hv1::HealthCheckRequest* r,
                      grpc::ServerWriter<hv1::HealthCheckResponse>* w) override {
     const bool known = names_.count(r->service()) > 0;
-    int64_t sent = -1;
+    Serving sent = hv1::HealthCheckResponse::UNKNOWN;  // never a status served: the first goes out
     std::unique_lock<std::mutex> lk(mu_);
     while (true) {
-      if (sent != changes_) {
-        sent = changes_;
+      if (status_locked(known) != sent) {
+        sent = status_locked(known);
         hv1::HealthCheckResponse o;
-        o.set_status(!known ? hv1::HealthCheckResponse::SERVICE_UNKNOWN
-                     : serving_ ? hv1::HealthCheckResponse::SERVING
-                                : hv1::HealthCheckResponse::NOT_SERVING);
+        o.set_status(sent);
         lk.unlock();
         const bool ok = w->Write(o);
         lk.lock();
@@ -850,20 +850,24 @@ class HealthService final : public hv1::Health::Service {
       }
       if (closed_) return Status(StatusCode::UNAVAILABLE, kShuttingDown);
       // A sync handler gets no wake-up when its client leaves: it looks once a second.
-      cv_.wait_for(lk, std::chrono::seconds(1), [&] { return sent != changes_ || closed_; });
+      cv_.wait_for(lk, std::chrono::seconds(1), [&] { return status_locked(known) != sent || closed_; });
       if (ctx->IsCancelled()) return Status(StatusCode::CANCELLED, "the client is gone");
     }
   }
 
  private:
+  using Serving = hv1::HealthCheckResponse::ServingStatus;
+  Serving status_locked(bool known) const {
+    if (!known) return hv1::HealthCheckResponse::SERVICE_UNKNOWN;
+    return serving_ ? hv1::HealthCheckResponse::SERVING : hv1::HealthCheckResponse::NOT_SERVING;
+  }
+
   std::set<std::string> names_;  // fixed once serving
   std::mutex mu_;
   std::condition_variable cv_;
   bool serving_ = true, closed_ = false;
-  int64_t changes_ = 0;
 };
 
-// The queues' threads: each drains its completion queue until the queue is shut down and empty.
 // A queue's thread: handles what comes on its server queue and, while a unary call is open,
 // drains its quiet queue every kQuietDrainMs (waking for it when nothing else comes), until the
 // server queue is shut down and empty; then the quiet queue's last completions. Not on every
@@ -876,16 +880,19 @@ void drain_queue(Queue* q) {
   const int64_t every_ns = int64_t(kQuietDrainMs) * 1000000;
   int64_t drained_ns = now_ns();
   while (true) {
-    if (q->open > 0 && now_ns() - drained_ns >= every_ns) {
-      while (q->quiet.AsyncNext(&tag, &ok, gpr_inf_past(GPR_CLOCK_MONOTONIC)) ==
-             grpc::CompletionQueue::GOT_EVENT)
-        static_cast<Tag*>(tag)->proceed(ok);
-      drained_ns = now_ns();
+    gpr_timespec deadline = gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    if (q->open > 0) {
+      int64_t t = now_ns();
+      if (t - drained_ns >= every_ns) {
+        while (q->quiet.AsyncNext(&tag, &ok, gpr_inf_past(GPR_CLOCK_MONOTONIC)) ==
+               grpc::CompletionQueue::GOT_EVENT)
+          static_cast<Tag*>(tag)->proceed(ok);
+        drained_ns = t;
+      }
+      if (q->open > 0)  // still: wake for the next drain if nothing comes before
+        deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                gpr_time_from_nanos(drained_ns + every_ns - t, GPR_TIMESPAN));
     }
-    const auto deadline =
-        q->open > 0 ? gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                   gpr_time_from_nanos(drained_ns + every_ns - now_ns(), GPR_TIMESPAN))
-                    : gpr_inf_future(GPR_CLOCK_MONOTONIC);
     const auto st = q->cq->AsyncNext(&tag, &ok, deadline);
     if (st == grpc::CompletionQueue::SHUTDOWN) break;
     if (st == grpc::CompletionQueue::GOT_EVENT) static_cast<Tag*>(tag)->proceed(ok);

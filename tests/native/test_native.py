@@ -137,6 +137,21 @@ def test_python_hands_the_process_to_the_native_binary(server: NativeServer) -> 
     assert any("gates passed for digits, vol3d" in line for line in server.log)
 
 
+
+def test_the_queue_thread_runs_sched_batch_and_the_workers_do_not(server: NativeServer) -> None:
+    """bnn-grpc must not preempt a worker on each wake-up (SCHED_BATCH); the onnxruntime workers
+    (one per instance: 2 a model here) keep the default policy, so they are never the ones
+    waiting for a tick."""
+    threads: dict[str, list[int]] = {}
+    for task in Path(f"/proc/{server.proc.pid}/task").iterdir():
+        name = (task / "comm").read_text().strip()
+        threads.setdefault(name, []).append(int(task.name))
+    queues = max(1, (os.cpu_count() or 1) // 4)
+    assert len(threads.get("bnn-grpc", [])) == queues, threads
+    assert len(threads.get("bnn-ort", [])) == 2 * 2, threads
+    assert {os.sched_getscheduler(t) for t in threads["bnn-grpc"]} == {os.SCHED_BATCH}
+    assert {os.sched_getscheduler(t) for t in threads["bnn-ort"]} == {os.SCHED_OTHER}
+
 def test_unsupported_settings_are_refused_before_anything_loads() -> None:
     for flags, what in (
         (["--poll", "5"], "--poll"),

@@ -137,7 +137,6 @@ def test_python_hands_the_process_to_the_native_binary(server: NativeServer) -> 
     assert any("gates passed for digits, vol3d" in line for line in server.log)
 
 
-
 def test_the_queue_thread_runs_sched_batch_and_the_workers_do_not(server: NativeServer) -> None:
     """bnn-grpc must not preempt a worker on each wake-up (SCHED_BATCH); the onnxruntime workers
     (one per instance: 2 a model here) keep the default policy, so they are never the ones
@@ -151,6 +150,7 @@ def test_the_queue_thread_runs_sched_batch_and_the_workers_do_not(server: Native
     assert len(threads.get("bnn-ort", [])) == 2 * 2, threads
     assert {os.sched_getscheduler(t) for t in threads["bnn-grpc"]} == {os.SCHED_BATCH}
     assert {os.sched_getscheduler(t) for t in threads["bnn-ort"]} == {os.SCHED_OTHER}
+
 
 def test_unsupported_settings_are_refused_before_anything_loads() -> None:
     for flags, what in (

@@ -195,9 +195,18 @@ Core* g_core = nullptr;
 // and parses here: INVALID_ARGUMENT, saying what was expected (the Python front
 // end's wording, server/servicer.py Undecodable).
 
+// INVALID_ARGUMENT for n bytes that are not a `type` message.
+Status undecodable(size_t n, const std::string& type) {
+  return Status(StatusCode::INVALID_ARGUMENT,
+                "request is not a valid " + type + " protobuf message: its " + std::to_string(n) +
+                    " byte(s) do not parse as one (corrupt or truncated wire format, or a string "
+                    "field that is not UTF-8); expected a serialized " + type);
+}
+
 // Parses *in into *msg. gRPC owns *in (allocated for this call, never read again by gRPC): the
-// parse reads its slices in place (no copy of the payload) and then releases them (Clear).
-// On failure *msg is cleared (no half-parsed id or model name leaks into the answer).
+// parse reads its slices in place (protobuf copies bytes fields out of them) and then releases
+// them (Clear). On failure *msg is cleared (no half-parsed id or model name leaks into the
+// answer).
 template <class M>
 Status parse_request(const grpc::ByteBuffer* in, M* msg) {
   auto* bb = const_cast<grpc::ByteBuffer*>(in);
@@ -205,15 +214,29 @@ Status parse_request(const grpc::ByteBuffer* in, M* msg) {
     const size_t n = bb->Length();
     if (grpc::SerializationTraits<M>::Deserialize(bb, msg).ok()) return Status::OK;
     msg->Clear();
-    return Status(StatusCode::INVALID_ARGUMENT,
-                  "request is not a valid " + msg->GetTypeName() + " protobuf message: its " +
-                      std::to_string(n) + " byte(s) do not parse as one (corrupt or truncated "
-                      "wire format, or a string field that is not UTF-8); expected a serialized " +
-                      msg->GetTypeName());
+    return undecodable(n, msg->GetTypeName());
   }
   msg->Clear();
   return Status(StatusCode::INVALID_ARGUMENT, "request is not a valid " + msg->GetTypeName() +
                                                   " protobuf message: no request message was sent");
+}
+
+// A ModelInferRequest into p's message and p->raw: scanned without copying its tensors
+// (wire.h), else parsed by protobuf as a whole (raw then points at the message's own entries).
+Status parse_infer_request(grpc::ByteBuffer* in, Pending* p, pb::ModelInferRequest* msg) {
+  switch (scan_infer_request(*in, msg, &p->raw)) {
+    case Scan::kParsed: return Status::OK;
+    case Scan::kInvalid:  // as protobuf would answer for the whole
+      p->raw.clear();
+      msg->Clear();
+      return undecodable(in->Length(), msg->GetTypeName());
+    case Scan::kNotPlain: break;
+  }
+  p->raw.clear();
+  Status st = parse_request(in, msg);
+  if (st.ok())
+    for (const std::string& s : msg->raw_input_contents()) p->raw.entries.emplace_back().add(s);
+  return st;
 }
 
 // Serializes msg into *out (what gRPC's typed handlers do when they send a response).
@@ -516,7 +539,7 @@ struct InferCall final : Pending, Tag {
     q->open++;
     await(q);  // the next ModelInfer call
     t_start = now_ns();
-    Status pst = parse_request(&in_bytes, &own);
+    Status pst = parse_infer_request(&in_bytes, this, &own);
     if (!pst.ok()) {  // counted under "<unknown>" (mv is null)
       done(pst);
       return;
@@ -654,7 +677,7 @@ class StreamCall final : public Tag {
     // another thread, handing the stream back and forth (round 4). A queued message (an expensive
     // model) costs only the submit here, so the stream's next messages still reach the other
     // sessions at once.
-    Status pst = parse_request(&p->in_bytes, &p->own);
+    Status pst = parse_infer_request(&p->in_bytes, p, &p->own);
     if (!pst.ok()) {  // in-band INVALID_ARGUMENT (empty id), counted under "<unknown>"; read on
       p->done(pst);
     } else if (!g_core->enter()) {

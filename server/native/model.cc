@@ -3,6 +3,8 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -97,14 +99,17 @@ Typed typed(const pb::InferTensorContents& c, pb::DataType dt) {
   }
 }
 
-// The bytes of request input i of datatype dt: its raw_input_contents entry, its narrowed typed
-// values, or its typed contents member itself (already the tensor's layout).
+// The bytes of request input i of datatype dt when they are in one piece, else null (a
+// raw_input_contents entry that straddles gRPC's receive slices); *n: their size either way.
+// They are its raw_input_contents entry, its narrowed typed values, or its typed contents
+// member itself (already the tensor's layout).
 const char* input_bytes(const Pending& p, int i, const DType& dt, size_t* n) {
   const pb::ModelInferRequest& r = *p.req;
-  if (r.raw_input_contents_size()) {
-    const std::string& s = r.raw_input_contents(i);
-    *n = s.size();
-    return s.data();
+  if (!p.raw.entries.empty()) {
+    const RawEntry& e = p.raw.entries[i];
+    *n = e.size;
+    if (e.pieces.size() > 1) return nullptr;
+    return e.pieces.empty() ? "" : e.pieces[0].data();
   }
   if (size_t(i) < p.narrowed.size() && !p.narrowed[i].empty()) {
     *n = p.narrowed[i].size();
@@ -113,6 +118,15 @@ const char* input_bytes(const Pending& p, int i, const DType& dt, size_t* n) {
   Typed v = typed(r.inputs(i).contents(), dt.cfg);
   *n = size_t(v.count) * v.wire;
   return v.data;
+}
+
+// Copies request input i's bytes (input_bytes') to dst; returns their size.
+size_t copy_input(const Pending& p, int i, const DType& dt, char* dst) {
+  if (!p.raw.entries.empty()) return p.raw.entries[i].copy_to(dst);
+  size_t n;
+  const char* d = input_bytes(p, i, dt, &n);
+  std::memcpy(dst, d, n);
+  return n;
 }
 
 // How many values each member holds, in the (sorted) order the Python front end names them.
@@ -228,7 +242,7 @@ Status ModelVersion::validate(Pending* p) const {
   const pb::ModelInferRequest& req = *p->req;
   const int64_t max_batch = plan_.max_batch_size;
   const int n = req.inputs_size();
-  const int n_raw = req.raw_input_contents_size();
+  const int n_raw = int(p->raw.entries.size());
   if (n_raw && n_raw != n)
     return bad("request has " + std::to_string(n) + " inputs but " + std::to_string(n_raw) +
                " raw_input_contents entries; raw_input_contents needs exactly one entry per "
@@ -289,11 +303,11 @@ Status ModelVersion::validate(Pending* p) const {
       if (t.has_contents())
         return bad("input '" + t.name() + "' has typed contents while the request also carries "
                    "raw_input_contents; use one or the other for all inputs");
-      const std::string& raw = req.raw_input_contents(i);
-      if (raw.size() != nbytes)
+      const size_t got = p->raw.entries[i].size;
+      if (got != nbytes)
         return bad("input '" + t.name() + "': expected " + std::to_string(nbytes) +
                    " bytes for shape " + fmt_shape(t.shape().data(), t.shape_size()) +
-                   " and datatype " + sp.dt.v2 + ", got " + std::to_string(raw.size()));
+                   " and datatype " + sp.dt.v2 + ", got " + std::to_string(got));
     } else if (t.has_contents()) {
       Status st = check_typed(p, i, sp, count);
       if (!st.ok()) return st;
@@ -544,7 +558,11 @@ Status ModelVersion::compute(Slot& slot, std::vector<Pending*>& batch, int64_t t
     const auto& t = first->req->inputs(first->slot[k]);
     size_t nbytes;
     const char* data = input_bytes(*first, first->slot[k], inputs_[k].dt, &nbytes);
-    if (batch.size() == 1) {  // no copy: onnxruntime reads the request's buffer
+    // One request: onnxruntime reads its bytes where they are when they are in one piece and
+    // aligned as malloc's are (a piece of gRPC's slices starts anywhere); else they are copied,
+    // so no run reads a tensor at an address less aligned than before.
+    if (batch.size() == 1 && data != nullptr &&
+        reinterpret_cast<uintptr_t>(data) % alignof(std::max_align_t) == 0) {
       values.push_back(Ort::Value::CreateTensor(mem, const_cast<char*>(data), nbytes,
                                                 t.shape().data(), t.shape_size(),
                                                 inputs_[k].dt.ort));
@@ -559,12 +577,7 @@ Status ModelVersion::compute(Slot& slot, std::vector<Pending*>& batch, int64_t t
     }
     buf.resize(need);
     size_t off = 0;
-    for (Pending* p : batch) {
-      size_t n;
-      const char* d = input_bytes(*p, p->slot[k], inputs_[k].dt, &n);
-      std::memcpy(buf.data() + off, d, n);
-      off += n;
-    }
+    for (Pending* p : batch) off += copy_input(*p, p->slot[k], inputs_[k].dt, buf.data() + off);
     shape.assign(t.shape().begin(), t.shape().end());
     shape[0] = total_rows;
     values.push_back(Ort::Value::CreateTensor(mem, buf.data(), buf.size(), shape.data(),

@@ -19,6 +19,7 @@
 
 #include "inference.grpc.pb.h"
 #include "util.h"
+#include "wire.h"
 
 namespace bnn {
 
@@ -89,6 +90,7 @@ struct Pending {
   std::chrono::system_clock::time_point deadline;
   std::vector<int> slot;  // model input k -> request input index
   std::vector<int> want;  // requested outputs (model output indices)
+  RawInputs raw;  // req's raw_input_contents entries (req itself has none when scanned)
   // Request input i's typed contents narrowed to its tensor's type (INT8, INT16, UINT8 and UINT16
   // travel as 32-bit values), else empty: the bytes onnxruntime reads for it.
   std::vector<std::string> narrowed;

@@ -311,6 +311,52 @@ def test_vol3d_unary_and_stream_equal_in_process(stub, pools: dict[str, SessionP
         assert got[str(i)].tobytes() == pools["vol3d"].run({"input": x[i : i + 1]})[name].tobytes()
 
 
+def test_answers_do_not_depend_on_how_the_request_bytes_are_laid_out(
+    server: NativeServer, pools: dict[str, SessionPool]
+) -> None:
+    """The native front end reads raw_input_contents by hand, as views into gRPC's slices
+    (server/native/wire.h); protobuf parses the rest. The same vol3d rows sent as the plain
+    message, with raw_input_contents before the other fields, with an unknown varint field
+    (left to protobuf whole), gzip-compressed, and as 64 rows (8 MiB: many slices, joined):
+    every answer equals in-process onnxruntime bit for bit, unary and over a stream."""
+    service = "/inference.GRPCInferenceService/"
+    unknown_varint = bytes([0xA0, 0x06, 0x01])  # field 100, wire type 0, value 1
+
+    def layouts(x: np.ndarray) -> dict[str, bytes]:
+        req = infer_request(x, model="vol3d", request_id="r")
+        rest = pb.ModelInferRequest()
+        rest.CopyFrom(req)
+        del rest.raw_input_contents[:]
+        raw_only = pb.ModelInferRequest(raw_input_contents=req.raw_input_contents)
+        plain = req.SerializeToString()
+        return {
+            "plain": plain,
+            "raw first": raw_only.SerializeToString() + rest.SerializeToString(),
+            "unknown varint": plain + unknown_varint,
+        }
+
+    with grpc.insecure_channel(
+        server.target, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as ch:
+        unary = ch.unary_unary(service + "ModelInfer")
+        stream = ch.stream_stream(service + "ModelStreamInfer")
+        for rows in (1, 3, 64):
+            x = _vol3d_rows(rows, seed=rows)
+            want = pools["vol3d"].run({"input": x})["logits"].tobytes()
+            for name, body in layouts(x).items():
+                for compression in (grpc.Compression.NoCompression, grpc.Compression.Gzip):
+                    what = f"{rows} rows, {name}, {compression.name}"
+                    got = pb.ModelInferResponse.FromString(
+                        unary(body, timeout=60, compression=compression)
+                    )
+                    assert logits_of(got).tobytes() == want, what
+                answers = list(stream(iter([body]), timeout=60))
+                assert len(answers) == 1, name
+                sr = pb.ModelStreamInferResponse.FromString(answers[0])
+                assert sr.error_message == "", (rows, name, sr.error_message)
+                assert logits_of(sr.infer_response).tobytes() == want, (rows, name)
+
+
 def test_metadata_and_config_are_the_python_front_ends_bytes(stub) -> None:
     settings = Settings(
         repo=BUNDLED, host="127.0.0.1", port=0, metrics_port=-1, instances=2, grace=2

@@ -902,9 +902,10 @@ class HealthService final : public hv1::Health::Service {
 // The thread runs SCHED_BATCH: its wake-ups (a request's bytes arriving) do not preempt a running
 // onnxruntime worker; it runs when a core frees or the worker's slice ends, and handles what
 // arrived meanwhile in one turn. With every core busy that is fewer context switches for the
-// same work: vol3d at 16 in flight, its share 0.068 vs 0.100 ms a request, the server's CPU a
-// sample 1.3-2% lower; digits unchanged; a digits request at 1 in flight beside a vol3d load no
-// slower (round 9, docs/performance-notes.md). An idle core still runs it at once.
+// same work: vol3d at 16 in flight, its share 0.05-0.07 vs 0.08-0.10 ms a request, the server's
+// CPU a sample about 1% lower (the workers' about 0.5% higher); digits unchanged; a digits
+// request at 1 in flight beside a vol3d load no slower (round 9, docs/performance-notes.md). An
+// idle core still runs it at once.
 void drain_queue(Queue* q) {
   pthread_setname_np(pthread_self(), "bnn-grpc");
   sched_param batch{};

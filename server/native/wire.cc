@@ -77,6 +77,19 @@ size_t RawEntry::copy_to(char* dst) const {
   return size;
 }
 
+void RawInputs::own() {
+  size_t total = 0;
+  for (const RawEntry& e : entries) total += e.size;
+  owned.resize(total);
+  size_t off = 0;
+  for (RawEntry& e : entries) {
+    const size_t n = e.copy_to(owned.data() + off);
+    e.pieces.assign(1, std::string_view(owned.data() + off, n));
+    off += n;
+  }
+  slices.clear();
+}
+
 Scan scan_infer_request(const grpc::ByteBuffer& in, inference::ModelInferRequest* msg,
                         RawInputs* raw) {
   raw->clear();
@@ -101,7 +114,11 @@ Scan scan_infer_request(const grpc::ByteBuffer& in, inference::ModelInferRequest
       return Scan::kNotPlain;
   }
   // The whole message would parse exactly when these fields do (the entries are plain bytes).
-  return msg->ParseFromString(rest) ? Scan::kParsed : Scan::kInvalid;
+  if (!msg->ParseFromString(rest)) return Scan::kInvalid;
+  size_t total = 0;
+  for (const RawEntry& e : raw->entries) total += e.size;
+  if (total < kOwnBelow) raw->own();
+  return Scan::kParsed;
 }
 
 }  // namespace bnn

@@ -5,13 +5,15 @@
 // the request's top-level fields are scanned by hand (the wire format: tag, length, bytes):
 // each raw_input_contents entry becomes the list of its pieces in the received slices (gRPC
 // reads a connection into 64 KiB slices, so a volume lies in two or three), which the worker
-// copies straight into the batch it runs; every other field (names, shapes, parameters: a few
-// hundred bytes) is parsed by protobuf as usual. Written by hand because protobuf has no
+// copies straight into the batch it runs (a request under 64 KiB is copied on arrival instead:
+// RawInputs::own); every other field (names, shapes, parameters: a few hundred bytes) is parsed
+// by protobuf as usual. Written by hand because protobuf has no
 // aliasing parse for bytes fields; anything but the plain shape of a request is left to protobuf.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
 
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -35,11 +37,20 @@ struct RawEntry {
 struct RawInputs {
   std::vector<RawEntry> entries;    // entry i
   std::vector<grpc::Slice> slices;  // the received bytes the entries point into (held here)
+  std::string owned;                // or a copy of them (own())
   void clear() {
     entries.clear();
     slices.clear();
+    owned.clear();
   }
+  // Copies the entries' bytes into `owned` and lets go of the slices. For a small request: a
+  // piece of a slice holds the whole 64 KiB slice, so a queued 256-byte request would keep 64 KiB.
+  void own();
 };
+
+// Below this many raw bytes a request's entries are copied on arrival (RawInputs::own): less
+// than one of gRPC's 64 KiB receive slices.
+constexpr size_t kOwnBelow = 64 * 1024;
 
 enum class Scan {
   kParsed,    // *msg and *raw hold the request

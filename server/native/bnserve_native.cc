@@ -225,7 +225,9 @@ Status parse_request(const grpc::ByteBuffer* in, M* msg) {
 // (wire.h), else parsed by protobuf as a whole (raw then points at the message's own entries).
 Status parse_infer_request(grpc::ByteBuffer* in, Pending* p, pb::ModelInferRequest* msg) {
   switch (scan_infer_request(*in, msg, &p->raw)) {
-    case Scan::kParsed: return Status::OK;
+    case Scan::kParsed:
+      in->Clear();  // p->raw holds the slices it still needs (none once own()ed)
+      return Status::OK;
     case Scan::kInvalid:  // as protobuf would answer for the whole
       p->raw.clear();
       msg->Clear();
@@ -864,8 +866,8 @@ class HealthService final : public hv1::Health::Service {
     Serving sent = hv1::HealthCheckResponse::UNKNOWN;  // never a status served: the first goes out
     std::unique_lock<std::mutex> lk(mu_);
     while (true) {
-      if (status_locked(known) != sent) {
-        sent = status_locked(known);
+      if (const Serving now = status_locked(known); now != sent) {
+        sent = now;
         hv1::HealthCheckResponse o;
         o.set_status(sent);
         lk.unlock();

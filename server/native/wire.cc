@@ -77,9 +77,7 @@ size_t RawEntry::copy_to(char* dst) const {
   return size;
 }
 
-void RawInputs::own() {
-  size_t total = 0;
-  for (const RawEntry& e : entries) total += e.size;
+void RawInputs::own(size_t total) {
   owned.resize(total);
   size_t off = 0;
   for (RawEntry& e : entries) {
@@ -96,6 +94,7 @@ Scan scan_infer_request(const grpc::ByteBuffer& in, inference::ModelInferRequest
   if (!in.Valid() || !in.Dump(&raw->slices).ok()) return Scan::kNotPlain;
   Reader r(raw->slices);
   std::string rest;  // every field but raw_input_contents, re-encoded for protobuf
+  size_t total = 0;  // raw_input_contents bytes
   while (!r.done()) {
     uint64_t tag, len;
     // Every field of ModelInferRequest is length-delimited (strings, messages, the parameters
@@ -106,6 +105,7 @@ Scan scan_infer_request(const grpc::ByteBuffer& in, inference::ModelInferRequest
     if ((tag >> 3) == kRawField) {
       RawEntry& e = raw->entries.emplace_back();
       if (!r.each(size_t(len), [&e](std::string_view v) { e.add(v); })) return Scan::kNotPlain;
+      total += e.size;
       continue;
     }
     put_varint(&rest, tag);  // a small field: copied
@@ -115,9 +115,7 @@ Scan scan_infer_request(const grpc::ByteBuffer& in, inference::ModelInferRequest
   }
   // The whole message would parse exactly when these fields do (the entries are plain bytes).
   if (!msg->ParseFromString(rest)) return Scan::kInvalid;
-  size_t total = 0;
-  for (const RawEntry& e : raw->entries) total += e.size;
-  if (total < kOwnBelow) raw->own();
+  if (total < kOwnBelow) raw->own(total);
   return Scan::kParsed;
 }
 

@@ -43,9 +43,10 @@ struct RawInputs {
     slices.clear();
     owned.clear();
   }
-  // Copies the entries' bytes into `owned` and lets go of the slices. For a small request: a
-  // piece of a slice holds the whole 64 KiB slice, so a queued 256-byte request would keep 64 KiB.
-  void own();
+  // Copies the entries' bytes (`total` of them) into `owned` and lets go of the slices. For a
+  // small request: a piece of a slice holds the whole 64 KiB slice, so a queued 256-byte request
+  // would keep 64 KiB.
+  void own(size_t total);
 };
 
 // Below this many raw bytes a request's entries are copied on arrival (RawInputs::own): less

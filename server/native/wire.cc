@@ -1,6 +1,8 @@
 // See wire.h.
 #include "wire.h"
 
+#include <google/protobuf/io/coded_stream.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -57,11 +59,9 @@ class Reader {
 };
 
 void put_varint(std::string* out, uint64_t v) {
-  while (v >= 0x80) {
-    out->push_back(char(uint8_t(v) | 0x80));
-    v >>= 7;
-  }
-  out->push_back(char(v));
+  uint8_t buf[10];  // a varint of 64 bits takes at most 10 bytes
+  const uint8_t* end = google::protobuf::io::CodedOutputStream::WriteVarint64ToArray(v, buf);
+  out->append(reinterpret_cast<const char*>(buf), size_t(end - buf));
 }
 
 constexpr uint64_t kLengthDelimited = 2;  // wire type

@@ -8,7 +8,7 @@ HOST   ?= 0.0.0.0
 PORT   ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: serve serve-native native test lint typecheck unit models proto clean install-serve install-test bench bench-quick soak
+.PHONY: serve serve-native native test lint typecheck unit models proto clean install-serve install-test bench bench-quick bench-floor soak
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (python 3.11) on PATH"; exit 1; }
@@ -53,7 +53,7 @@ lint: install-test
 
 typecheck: install-test
 	$(VENV)/bin/mypy $(MYPY_MODULES)
-	$(VENV)/bin/mypy bench/suite.py bench/soak.py
+	$(VENV)/bin/mypy bench/suite.py bench/soak.py bench/floor.py
 
 unit: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -62,7 +62,7 @@ test: install-test native
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(MYPY_MODULES)
-	$(VENV)/bin/mypy bench/suite.py bench/soak.py
+	$(VENV)/bin/mypy bench/suite.py bench/soak.py bench/floor.py
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Retrain and re-export the bundled models; bit for bit the same files as committed.
@@ -80,6 +80,10 @@ bench: install-test
 
 bench-quick: install-test
 	$(PY) bench/suite.py --quick
+
+# What the native server's vol3d CPU ratio is made of (about 3 minutes; needs `make native`).
+bench-floor: install-test native
+	$(PY) bench/floor.py
 
 # 10 minutes of mixed unary and streaming load: nothing lost or answered twice, RSS flat.
 soak: install-serve

@@ -2,7 +2,7 @@
 """What the native server's vol3d CPU ratio is made of: the model's part and the transport's
 part, measured apart on the same machine, alternating.
 
-    .venv/bin/python bench/floor.py                     # 3 rounds, about 3 minutes
+    .venv/bin/python bench/floor.py                     # 3 rounds, about 2 minutes
     .venv/bin/python bench/floor.py --rounds 1 --seconds 1 --ort-seconds 0.5   # smoke test
 
 bench/suite.py's vol3d CPU target divides the server's CPU a sample (vol3d, unary, 16 in
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import shutil
 import statistics
 import subprocess
@@ -151,15 +152,16 @@ def beside_load(repo: Path, null_repo: Path, log: Path, rate: float, ort_seconds
     )
     try:
         assert child.stdout is not None
-        if child.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"the onnxruntime child did not start (exit {child.wait(30)})")
-        # The load spans the child's window (its sessions' creation and warm-up, then the
-        # measurement) with a margin.
+        ready, _, _ = select.select([child.stdout], [], [], 120.0)  # bounded: a child may hang
+        if not ready or child.stdout.readline().strip() != "ready":
+            raise RuntimeError("the onnxruntime child did not get ready within 120 s")
+        # The load spans the child's window (its sessions' creation and warm-up, well under a
+        # second for vol3d, then the measurement) with a margin.
         config = BenchConfig(
             model=MODEL,
             targets=(server.target,),
             rate=rate,
-            duration=ort_seconds + 2.0,
+            duration=ort_seconds + 4.0,
             warmup=0.5,
             progress=False,
         )

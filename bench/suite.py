@@ -1433,6 +1433,12 @@ def render(
                 + " |"
             )
         w("")
+        w(
+            "What the vol3d CPU ratio is made of, measured apart (onnxruntime at the server's "
+            "batch beside the load tester; a server with nothing to compute): `make bench-floor` "
+            "(bench/floor.py; docs/performance-notes.md, round 10)."
+        )
+        w("")
     w("## perf_analyzer (Triton's load tester), same server")
     w("")
     if pa_skipped:

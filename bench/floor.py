@@ -12,11 +12,12 @@ session, alone. This script splits that ratio. Each round:
 1. served: the server (`serve --frontend native`, the bundled repository), vol3d c16 unary for
    SECONDS: its CPU a sample, and the rate R it served.
 2. alone: onnxruntime in-process on the same file, with the server's session options: batch 1 x
-   1 session (the target's reference) and batch 4 x 2 sessions (what the server runs at c16).
-3. beside a load: the same onnxruntime at batch 4 x 2 sessions, in a child process, while the
-   load tester sends vol3d-sized requests at R (open loop) to a native server whose model has
-   vol3d's interface and almost no compute (a generated ReduceMean): what onnxruntime costs
-   when it shares the two cores as the server's workers do.
+   1 session (the target's reference) and the server's configuration at c16 (its
+   max_combined_batch_size x one session a core: batch 4 x 2 sessions here).
+3. beside a load: the same onnxruntime at the server's configuration, in a child process,
+   while the load tester sends vol3d-sized requests at R (open loop) to a native server whose
+   model has vol3d's interface and almost no compute (a generated ReduceMean): what onnxruntime
+   costs when it shares the two cores as the server's workers do.
 4. nothing to compute: that null server alone, vol3d requests at 16 in flight (closed loop, as
    fast as it goes: thousands a second): its CPU a request. Requests handled in one busy turn
    share wake-ups and reads, so a request costs least at full speed: this is the least the
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import select
 import shutil
 import statistics
@@ -50,8 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # bench/ is not a package: its sibling script, by path
 
 MODEL = "vol3d"
-SERVER_CONFIG = (4, 2)  # (batch, sessions): what the server runs vol3d at, 16 in flight
-REFERENCE = (1, 1)  # the target's reference
+REFERENCE = (1, 1)  # (batch, sessions): the target's reference
 
 # The child that measures onnxruntime beside the load: warms up, says "ready", measures, prints
 # the point as JSON. A child process, so its threads do not share this one's GIL with the load
@@ -75,10 +76,18 @@ class Round:
     served_cpu_ms_per_sample: float  # the server on vol3d, c16 unary (a request is a sample)
     served_rate: float  # its requests a second
     ref_cpu_ms: float  # in-process batch 1 x 1 session, alone
-    b4_cpu_ms: float  # in-process batch 4 x 2 sessions, alone
-    b4_beside_cpu_ms: float  # the same beside the load tester and the null server at the rate
+    config_cpu_ms: float  # in-process at the server's configuration, alone
+    beside_cpu_ms: float  # the same beside the load tester and the null server at the rate
     null_cpu_ms_per_request: float  # the null server alone, c16 closed loop
     null_rate: float  # its requests a second
+
+
+def server_config(repo: Path) -> tuple[int, int]:
+    """(batch, sessions) the server runs vol3d at with 16 in flight: its config's
+    max_combined_batch_size (16 queued requests fill every batch) and the server's default
+    sessions a model, one per core."""
+    config = json.loads((repo / MODEL / "config.json").read_text())
+    return int(config["batching"]["max_combined_batch_size"]), os.cpu_count() or 1
 
 
 def null_repository(src: Path, dst: Path) -> Path:
@@ -129,10 +138,12 @@ def served(repo: Path, log: Path, seconds: float) -> tuple[float, float]:
     return run.server_cpu_ms_per_request, float(run.result["throughput_rps"])
 
 
-def beside_load(repo: Path, null_repo: Path, log: Path, rate: float, ort_seconds: float) -> float:
-    """In-process onnxruntime at SERVER_CONFIG, in a child process, while the load tester sends
-    vol3d requests at `rate` (open loop) to a native server on the null model: its CPU ms a
-    sample."""
+def beside_load(
+    repo: Path, null_repo: Path, log: Path, rate: float, ort_seconds: float, at: tuple[int, int]
+) -> float:
+    """In-process onnxruntime at `at` (batch, sessions), in a child process, while the load
+    tester sends vol3d requests at `rate` (open loop) to a native server on the null model: its
+    CPU ms a sample."""
     from bnserve.client.bench import BenchConfig, run_bench
 
     server = _native(null_repo, log)
@@ -144,8 +155,8 @@ def beside_load(repo: Path, null_repo: Path, log: Path, rate: float, ort_seconds
             str(Path(__file__).resolve().parent),
             str(repo / MODEL / "1" / "model.onnx"),
             str(ort_seconds),
-            str(SERVER_CONFIG[0]),
-            str(SERVER_CONFIG[1]),
+            str(at[0]),
+            str(at[1]),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -177,12 +188,12 @@ def beside_load(repo: Path, null_repo: Path, log: Path, rate: float, ort_seconds
     return float(json.loads(out.strip().splitlines()[-1])["cpu_ms_per_sample"])
 
 
-def alone(repo: Path, seconds: float) -> tuple[float, float]:
-    """In-process onnxruntime alone: CPU ms a sample at REFERENCE and at SERVER_CONFIG."""
+def alone(repo: Path, seconds: float, at: tuple[int, int]) -> tuple[float, float]:
+    """In-process onnxruntime alone: CPU ms a sample at REFERENCE and at `at`."""
     path = repo / MODEL / "1" / "model.onnx"
-    points = suite.measure_ort(path, MODEL, seconds, [REFERENCE, SERVER_CONFIG])
-    at = {(p.batch, p.sessions): p.cpu_ms_per_sample for p in points}
-    return at[REFERENCE], at[SERVER_CONFIG]
+    points = suite.measure_ort(path, MODEL, seconds, [REFERENCE, at])
+    cpu = {(p.batch, p.sessions): p.cpu_ms_per_sample for p in points}
+    return cpu[REFERENCE], cpu[at]
 
 
 def measure(repo: Path, rounds: int, seconds: float, ort_seconds: float) -> list[Round]:
@@ -190,10 +201,12 @@ def measure(repo: Path, rounds: int, seconds: float, ort_seconds: float) -> list
     with tempfile.TemporaryDirectory(prefix="bnserve-floor-") as tmp:
         null_repo = null_repository(repo, Path(tmp) / "repo")
         log = Path(tmp) / "server.log"
+        at = server_config(repo)
+        print(f"the server's configuration: batch {at[0]} x {at[1]} sessions", flush=True)
         for i in range(rounds):
             cpu, rate = served(repo, log, seconds)
-            ref, b4 = alone(repo, ort_seconds)
-            beside = beside_load(repo, null_repo, log, rate, ort_seconds)
+            ref, b4 = alone(repo, ort_seconds, at)
+            beside = beside_load(repo, null_repo, log, rate, ort_seconds, at)
             null_cpu, null_rate = served(null_repo, log, seconds)
             r = Round(cpu, rate, ref, b4, beside, null_cpu, null_rate)
             out.append(r)
@@ -221,16 +234,16 @@ def report(rounds: Sequence[Round]) -> str:
             lambda r: r.served_cpu_ms_per_sample,
         ),
         ("reference: onnxruntime alone, batch 1 x 1 session", lambda r: r.ref_cpu_ms),
-        ("onnxruntime alone, batch 4 x 2 sessions", lambda r: r.b4_cpu_ms),
-        ("beside the load: onnxruntime, batch 4 x 2 sessions", lambda r: r.b4_beside_cpu_ms),
+        ("onnxruntime alone, the server's configuration", lambda r: r.config_cpu_ms),
+        ("beside the load: onnxruntime, the server's configuration", lambda r: r.beside_cpu_ms),
         ("nothing to compute: the null server, a request", lambda r: r.null_cpu_ms_per_request),
         (
             "beside the load + nothing to compute",
-            lambda r: r.b4_beside_cpu_ms + r.null_cpu_ms_per_request,
+            lambda r: r.beside_cpu_ms + r.null_cpu_ms_per_request,
         ),
         (
             "served - beside the load: spent outside onnxruntime",
-            lambda r: r.served_cpu_ms_per_sample - r.b4_beside_cpu_ms,
+            lambda r: r.served_cpu_ms_per_sample - r.beside_cpu_ms,
         ),
     ]
     lines = [

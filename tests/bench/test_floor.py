@@ -62,7 +62,7 @@ def test_one_tiny_round_reports_every_figure() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("round 1: "))
     r = json.loads(line.removeprefix("round 1: "))
-    for key in ("served_cpu_ms_per_sample", "ref_cpu_ms", "b4_cpu_ms", "b4_beside_cpu_ms"):
+    for key in ("served_cpu_ms_per_sample", "ref_cpu_ms", "config_cpu_ms", "beside_cpu_ms"):
         assert 0.1 < r[key] < 100, (key, r)  # a vol3d sample: milliseconds of CPU
     assert 0 < r["null_cpu_ms_per_request"] < r["served_cpu_ms_per_sample"], r
     assert r["served_rate"] > 0 and r["null_rate"] > r["served_rate"], r
@@ -77,4 +77,4 @@ def test_one_tiny_round_reports_every_figure() -> None:
         (r["served_cpu_ms_per_sample"], r["served_cpu_ms_per_sample"] / ref), abs=1e-3
     )
     outside = rows["served - beside the load: spent outside onnxruntime"][0]
-    assert outside == pytest.approx(r["served_cpu_ms_per_sample"] - r["b4_beside_cpu_ms"], abs=1e-3)
+    assert outside == pytest.approx(r["served_cpu_ms_per_sample"] - r["beside_cpu_ms"], abs=1e-3)

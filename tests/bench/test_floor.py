@@ -7,34 +7,23 @@ only that each is measured and consistent with the others.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from bench_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOOR = ROOT / "bench" / "floor.py"
 
 
-def _load_floor() -> ModuleType:
-    # bench/ is not a package: load the script as a module (it finds its sibling suite.py).
-    spec = importlib.util.spec_from_file_location("bnserve_bench_floor", FLOOR)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_null_model_has_vol3ds_interface_and_returns_the_mean(tmp_path: Path) -> None:
-    floor = _load_floor()
+    floor = load_script("floor")
     repo = floor.null_repository(ROOT / "model_repository", tmp_path / "repo")
     real = ort.InferenceSession(str(ROOT / "model_repository" / "vol3d" / "1" / "model.onnx"))
     null = ort.InferenceSession(str(repo / "vol3d" / "1" / "model.onnx"))

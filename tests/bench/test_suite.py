@@ -8,7 +8,6 @@ in the report): only that every section, every run and every target is there.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,25 +18,16 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from bench_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "bench" / "suite.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _load_suite() -> ModuleType:
-    # bench/ is not a package: load the script as a module.
-    spec = importlib.util.spec_from_file_location("bnserve_bench_suite", SUITE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def suite() -> ModuleType:
-    return _load_suite()
+    return load_script("suite")
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ bench: install-test
 bench-quick: install-test
 	$(PY) bench/suite.py --quick
 
-# What the native server's vol3d CPU ratio is made of (about 2 minutes; needs `make native`).
+# What the native server's vol3d CPU ratio is made of (about 2 minutes).
 bench-floor: install-test native
 	$(PY) bench/floor.py
 

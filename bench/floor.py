@@ -216,7 +216,7 @@ def measure(repo: Path, rounds: int, seconds: float, ort_seconds: float) -> list
 
 
 def report(rounds: Sequence[Round]) -> str:
-    """Every figure and its ratio to the reference, as markdown tables."""
+    """Every figure and its ratio to the reference, as a markdown table."""
 
     def span(values: Sequence[float], fmt: str) -> str:
         mean, lo, hi = (fmt.format(v) for v in (statistics.fmean(values), min(values), max(values)))
@@ -267,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ort-seconds", type=float, default=6.0, help="each in-process point (default 6)"
     )
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.seconds <= 0 or args.ort_seconds <= 0:
+        p.error("--rounds must be at least 1, --seconds and --ort-seconds above 0")
     reason = suite.native_unavailable()
     if reason is not None:
         raise SystemExit(f"bench/floor.py: {reason}")

@@ -317,8 +317,9 @@ def test_answers_do_not_depend_on_how_the_request_bytes_are_laid_out(
     """The native front end reads raw_input_contents by hand, as views into gRPC's slices
     (server/native/wire.h); protobuf parses the rest. The same vol3d rows sent as the plain
     message, with raw_input_contents before the other fields, with an unknown varint field
-    (left to protobuf whole), gzip-compressed, and as 64 rows (8 MiB: many slices, joined):
-    every answer equals in-process onnxruntime bit for bit, unary and over a stream."""
+    (left to protobuf whole), gzip-compressed, and as 64 rows (8 MiB: many slices, copied piece
+    by piece into the batch): every answer equals in-process onnxruntime bit for bit, unary and
+    over a stream."""
     service = "/inference.GRPCInferenceService/"
     unknown_varint = bytes([0xA0, 0x06, 0x01])  # field 100, wire type 0, value 1
 
@@ -750,9 +751,9 @@ def test_queued_requests_past_their_deadline_or_cancelled_are_not_run() -> None:
     """One vol3d session kept busy by 32-row requests (~0.06-0.12 s each, ~0.5 s for the
     8). Requests queued behind them with a 200 ms deadline (room to arrive and be queued on a
     loaded machine: with 50 ms, one CI run saw none of them queued in time), and requests the
-    client cancels while queued, are dropped from
-    the queue (the worker checks each call's deadline and whether its client is gone) and never
-    run: ModelStatistics counts only the rows of the requests that were answered."""
+    client cancels while queued, are dropped from the queue (the worker checks each call's
+    deadline and whether its client is gone) and never run: ModelStatistics counts only the rows
+    of the requests that were answered."""
     s = NativeServer(BUNDLED, "--instances", "1")
     big = _vol3d_rows(32, seed=11)
     one = big[:1]

@@ -29,10 +29,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python3 -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
     && python3 -m venv /opt/bnserve
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone: this layer stays cached while sources change.
+# Dependencies first, from the serving lock alone (exact versions, hashes checked; `make lock`):
+# this layer stays cached while sources change. setuptools, bnserve's build backend, is in it.
+COPY requirements-serve.txt ./
+RUN /opt/bnserve/bin/pip install --require-hashes -r requirements-serve.txt
 COPY pyproject.toml ./
-RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
-    && /opt/bnserve/bin/pip install -r /tmp/requirements.txt
 COPY README.md cli.py __init__.py py.typed ./
 COPY proto/ proto/
 COPY server/ server/
@@ -40,7 +41,7 @@ COPY client/ client/
 COPY training/ training/
 # The package itself (serving dependencies only; the `train` extra is not installed), then trim
 # what serving never runs: pip/setuptools, test suites and onnx's backend test data.
-RUN /opt/bnserve/bin/pip install . \
+RUN /opt/bnserve/bin/pip install --no-deps --no-build-isolation . \
     && /opt/bnserve/bin/python -c 'import bnserve.server.app, onnxruntime, grpc' \
     && /opt/bnserve/bin/pip uninstall -y pip setuptools \
     && sp=/opt/bnserve/lib/python3.11/site-packages \

@@ -147,7 +147,10 @@ def test_dockerfile_stages_and_base() -> None:
 
 def test_dockerfile_serving_install_only() -> None:
     runs = " ".join(instr("RUN"))
-    assert "pip install ." in runs
+    # every dependency from the serving lock, hashes checked; bnserve itself adds none
+    assert "pip install --require-hashes -r requirements-serve.txt" in runs
+    assert "requirements-serve.txt ./" in instr("COPY")
+    assert "pip install --no-deps --no-build-isolation ." in runs
     assert "python3 -m venv" in runs
     assert "[train]" not in runs and "[test]" not in runs
     assert "pip install torch" not in runs

@@ -16,8 +16,8 @@ What it does, in one process (see bench/README.md for the method):
    loaded.
 3. `run_bench` (bnserve.client.bench) in this process -- the client shares the cores with the
    server, as it would on a 2-core box -- for every run in RUNS; for each, the server's CPU
-   seconds (utime + stime from /proc/<pid>/stat: all its threads, reaped children, and any live
-   descendants) over the whole run, divided by every request the run sent (warm-up included,
+   seconds (its scheduler clock, every thread to the nanosecond, plus reaped children and any
+   live descendants) over the whole run, divided by every request the run sent (warm-up included,
    since the CPU window includes the warm-up).
 4. docs/performance.md (tables, targets with PASS/FAIL, peers' figures for reference) and two
    PNG plots next to it (img/).
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import datetime as dt
 import importlib.metadata
@@ -56,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPO = ROOT / "model_repository"
 DEFAULT_OUT = ROOT / "docs" / "performance.md"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 # (model, mode, concurrency, batch): the runs against the server, in this order.
 RUNS: tuple[tuple[str, str, int, int], ...] = (
@@ -126,11 +128,9 @@ PEERS: tuple[tuple[str, str], ...] = (
 # --- /proc ------------------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int, tid: int | None = None) -> list[str]:
-    """Fields of /proc/<pid>/stat (of its thread tid: /proc/<pid>/task/<tid>/stat) from field 3
-    (state) on; the name may hold spaces/parens."""
-    where = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
-    raw = Path(where, "stat").read_text()
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat from field 3 (state) on; the name may hold spaces/parens."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
     return raw[raw.rindex(")") + 2 :].split()
 
 
@@ -152,30 +152,57 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _process_clock_s(pid: int) -> float:
+    """CPU seconds of every thread of pid, live or exited, to the nanosecond: the kernel's
+    scheduler clock of the process (clock_getcpuclockid), not /proc's clock ticks."""
+    clock = ctypes.c_int()
+    err = _LIBC.clock_getcpuclockid(pid, ctypes.byref(clock))
+    if err:
+        raise OSError(err, os.strerror(err), f"clock_getcpuclockid({pid})")
+    return time.clock_gettime(clock.value)
+
+
 def proc_cpu_s(pid: int) -> float:
-    """CPU seconds of a process tree: utime + stime of pid (every thread, live or exited) plus
-    cutime + cstime (its reaped children), plus the same for each live descendant."""
-    ticks = 0
+    """CPU seconds of a process tree: every thread of pid (live or exited, nanoseconds) plus
+    cutime + cstime (its reaped children, clock ticks), plus the same for each live
+    descendant."""
+    total = 0.0
     for p in [pid, *_children(pid)]:
         with contextlib.suppress(OSError):
             f = _stat_fields(p)
-            # fields 14-17 (utime, stime, cutime, cstime); f[0] is field 3
-            ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-    return ticks / CLK_TCK
+            # fields 16-17 (cutime, cstime); f[0] is field 3
+            reaped = (int(f[13]) + int(f[14])) / CLK_TCK
+            total += _process_clock_s(p) + reaped
+    return total
 
 
 def threads_cpu_s(pid: int, comm: str) -> float | None:
-    """CPU seconds (utime + stime) of pid's live threads named `comm`; None if it has none."""
-    ticks, found = 0, False
+    """CPU seconds of pid's live threads named `comm`, to the nanosecond (the first field of
+    /proc/PID/task/TID/schedstat); None if it has none."""
+    ns, found = 0, False
     with contextlib.suppress(OSError):
         for task in os.scandir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):
                 if Path(task.path, "comm").read_text().rstrip("\n") != comm:
                     continue
-                f = _stat_fields(pid, int(task.name))
-                ticks += int(f[11]) + int(f[12])  # utime, stime
+                ns += int(Path(task.path, "schedstat").read_text().split()[0])
                 found = True
-    return ticks / CLK_TCK if found else None
+    return ns / 1e9 if found else None
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """A server's CPU at one instant: the whole tree, and what its threads named `comm` (the
+    onnxruntime workers) hold of it. Both in nanoseconds from the scheduler, read back to back,
+    so the difference of two samples splits the window exactly."""
+
+    total_s: float
+    named_s: float | None
+
+    @classmethod
+    def take(cls, pid: int, comm: str) -> CpuSample:
+        named = threads_cpu_s(pid, comm)
+        return cls(proc_cpu_s(pid), named)
 
 
 def system_busy_s() -> float:
@@ -426,12 +453,19 @@ def run_server_bench(
     # the tail (requests sent in the window, answered after it). Every inference request sent
     # in it is in requests + warmup_requests, so that is the denominator.
     busy0 = system_busy_s()
-    ort0 = threads_cpu_s(server.pid, ORT_THREAD)
-    cpu0, client0, t0 = proc_cpu_s(server.pid), time.process_time(), time.perf_counter()
+    cpu0, client0, t0 = (
+        CpuSample.take(server.pid, ORT_THREAD),
+        time.process_time(),
+        time.perf_counter(),
+    )
     res = run_bench(config)
-    cpu1, client1, t1 = proc_cpu_s(server.pid), time.process_time(), time.perf_counter()
-    ort1 = threads_cpu_s(server.pid, ORT_THREAD)
+    cpu1, client1, t1 = (
+        CpuSample.take(server.pid, ORT_THREAD),
+        time.process_time(),
+        time.perf_counter(),
+    )
     busy1 = system_busy_s()
+    server_cpu_s = cpu1.total_s - cpu0.total_s
     if server.proc.poll() is not None:
         raise RuntimeError(f"server died during {model} {mode} c{concurrency}")
     return ServerRun(
@@ -441,12 +475,14 @@ def run_server_bench(
         batch=batch,
         result=res.to_dict(),
         latencies_s=np.asarray(res.latencies_s),
-        server_cpu_s=cpu1 - cpu0,
+        server_cpu_s=server_cpu_s,
         client_cpu_s=client1 - client0,
         wall_s=t1 - t0,
-        other_cpu_s=max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (client1 - client0)),
+        other_cpu_s=max(0.0, (busy1 - busy0) - server_cpu_s - (client1 - client0)),
         sent=res.requests + res.warmup_requests,
-        ort_cpu_s=None if ort0 is None or ort1 is None else ort1 - ort0,
+        ort_cpu_s=(
+            None if cpu0.named_s is None or cpu1.named_s is None else cpu1.named_s - cpu0.named_s
+        ),
     )
 
 
@@ -1284,7 +1320,7 @@ def render(
     w("## Server under load (gRPC, closed loop, batch 1)")
     w("")
     w(
-        "Server CPU = utime + stime of the server process (all threads, and children if any) "
+        "Server CPU = the server process's CPU time (all threads, and children if any) "
         "over the whole run, warm-up included, divided by every request sent in that time "
         "(window + warm-up). Client CPU: the same for the suite's process (the load generator). "
         "CPU use and other processes: CPU seconds over the run's wall time, in % of one core "

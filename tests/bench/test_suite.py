@@ -254,6 +254,10 @@ def test_threads_cpu_counts_the_named_threads_only(suite) -> None:
         assert named is not None and 0.28 <= named < 0.45
         assert suite.proc_cpu_s(proc.pid) >= named + 0.28  # the other thread burned as much
         assert suite.threads_cpu_s(proc.pid, "bnn-none") is None
+        # one sample holds both terms; the rest is the other thread (and start-up)
+        sample = suite.CpuSample.take(proc.pid, "bnn-test")
+        assert sample.named_s is not None and 0.28 <= sample.named_s < 0.45
+        assert sample.total_s - sample.named_s >= 0.28
 
 
 def test_vol3d_best_cpu_is_the_mean_at_the_best_configuration(suite) -> None:

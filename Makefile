@@ -8,7 +8,7 @@ HOST   ?= 0.0.0.0
 PORT   ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: serve serve-native native test lint typecheck unit models lock proto clean install-serve install-test bench bench-quick bench-floor soak
+.PHONY: serve serve-native native test lint typecheck unit models export-models lock proto clean install-serve install-test bench bench-quick bench-floor soak
 
 # Every package comes from a lock with hashes (pip-tools; `make lock` refreshes them): the serving
 # install from requirements-serve.txt, the test install from requirements-test.txt (a superset,
@@ -88,9 +88,14 @@ lock: install-test
 	sed -i -e '/^# WARNING: pip install will require the following package to be hashed/,/^    # via file:/d' \
 		$(TEST_LOCK)
 
-# Retrain and re-export the bundled models; bit for bit the same files as committed.
+# Retrain the bundled models, keep their checkpoints and export from them (docs/reproducibility.md:
+# the same bytes on the CPU that trained them); export-models re-exports the committed
+# checkpoints (the same bytes on any machine).
 models: install-test
 	$(PY) -m bnserve.training.bundle --repo model_repository
+
+export-models: install-test
+	$(PY) -m bnserve.training.bundle --repo model_repository --from-checkpoint
 
 # Regenerate the protobuf/gRPC modules in proto/ from proto/inference.proto.
 proto: install-test

@@ -101,7 +101,7 @@ def _export(args: argparse.Namespace) -> int:
     from bnserve.training import train as T
     from bnserve.training.repo import write_entry
 
-    model, cfg, _ = T.load_checkpoint(args.checkpoint)
+    model, cfg, ckpt = T.load_checkpoint(args.checkpoint)
     split = T.load_split(cfg.model, n_train=cfg.n_train)
     if args.recalibrate:
         before = T.accuracy(model, split.x_test, split.y_test)
@@ -118,6 +118,7 @@ def _export(args: argparse.Namespace) -> int:
         version=args.version,
         torch_accuracy=torch_acc,
         max_batch_size=args.max_batch_size,
+        trained_on=ckpt.get("trained_on"),
     )
     v = config["versions"][path.parent.name]
     print(

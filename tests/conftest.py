@@ -32,5 +32,6 @@ def digits_repo(tmp_path_factory: pytest.TempPathFactory, digits_result) -> Path
         digits_result.split,
         version=1,
         torch_accuracy=digits_result.accuracy,
+        trained_on=digits_result.trained_on,
     )
     return repo

@@ -89,8 +89,10 @@ def write_entry(
     version: int | None = None,
     torch_accuracy: float | None = None,
     max_batch_size: int = MAX_BATCH_SIZE,
+    trained_on: dict[str, str] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Export `model` (eval mode) as the next version of `name` and update its config.json.
+    `trained_on` is the checkpoint's record of the CPU that trained it (train.trained_on()).
     Returns (path of model.onnx, the config written)."""
     name = name or cfg.model
     model_dir = Path(repo) / name
@@ -142,8 +144,8 @@ def write_entry(
         "bn_left_unfolded": report.bn_left,
         "training": {k: v for k, v in vars(cfg).items()},
         "torch_version": torch.__version__.split("+")[0],
-        # Bit-for-bit reproduction needs the same CPU kernels (AVX2 and AVX512 round differently).
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # Retraining gives these bytes again only on this CPU (docs/reproducibility.md).
+        "trained_on": trained_on,
         "batchnorm": bn_statistics(model, folded),
     }
     drift = drift_reference.reference(onnx_path, model, folded, split.x_train)

@@ -1,14 +1,18 @@
 """The training loop: Adam, shuffled mini-batches, per-epoch loss and eval-mode accuracy.
 
-Deterministic for a given seed and thread count (torch.use_deterministic_algorithms), so the
-bundled models are reproducible bit for bit. Train mode is used ONLY for optimizer steps (BN
-normalizes with the batch's statistics and updates its running averages); every accuracy is
-measured in eval mode, which uses the running statistics alone.
+Deterministic for a given seed, thread count and CPU (torch.use_deterministic_algorithms):
+another CPU model runs other kernels, which round differently, and the weights drift apart over
+the epochs (docs/reproducibility.md). So a checkpoint records the CPU that trained it. Train
+mode is used ONLY for optimizer steps (BN normalizes with the batch's statistics and updates its
+running averages); every accuracy is measured in eval mode, which uses the running statistics
+alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -92,6 +96,18 @@ class DataParallel(Protocol):
         ...
 
 
+def trained_on() -> dict[str, str]:
+    """The CPU whose kernels computed the weights: its model name (/proc/cpuinfo) and the
+    kernels torch dispatched to. The same recipe gives the same bytes only on the same pair."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 @dataclass
 class TrainResult:
     model: nn.Module  # in eval mode
@@ -99,6 +115,7 @@ class TrainResult:
     split: data.Split
     history: list[dict[str, float]] = field(default_factory=list)
     accuracy: float = 0.0  # eval mode, test split
+    trained_on: dict[str, str] = field(default_factory=trained_on)
 
 
 def load_split(name: str, *, n_train: int | None = None) -> data.Split:
@@ -217,6 +234,7 @@ def save_checkpoint(path: str | Path, result: TrainResult) -> Path:
             "config": asdict(result.config),
             "history": result.history,
             "accuracy": result.accuracy,
+            "trained_on": result.trained_on,
         },
         path,
     )
@@ -246,4 +264,5 @@ __all__ = [
     "save_checkpoint",
     "tf_momentum_to_torch",
     "train",
+    "trained_on",
 ]

@@ -199,7 +199,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert {".venv", ".git", "build", ".pytest_cache", "checkpoints", "tests"} <= entries
+    assert {".venv", ".git", "build", ".pytest_cache", "checkpoints", "tests", "**/*.pt"} <= entries
     for needed in ("model_repository", "pyproject.toml", "README.md", "server", "cli.py"):
         assert needed not in entries
 

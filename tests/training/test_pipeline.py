@@ -17,6 +17,7 @@ from bnserve.training import (
     ExportError,
     FoldError,
     StatisticsError,
+    bundle,
     check_running_stats,
     export_onnx,
     recalibrate,
@@ -221,16 +222,102 @@ def test_bundled_models(name: str, target: float) -> None:
     assert config["batching"].get("max_combined_batch_size") == MAX_COMBINED.get(name)
 
 
-def test_bundled_digits_is_reproducible_bit_for_bit(digits_repo: Path) -> None:
-    """`make models` recipe retrained here gives the committed file byte for byte."""
+# What `make models` reproduces, and where (docs/reproducibility.md).
+# Fields of a version in config.json that the exporting machine measures with its own kernels
+# (torch's and onnxruntime's): across CPUs they agree to rounding, not bit for bit.
+MEASURED_BY_THE_EXPORTER = ("parity_max_rel_error", "drift_reference")
+# Retraining on another CPU: the bundled digits recipe, rerun with 1, 3 and 4 threads (other
+# reduction orders, as another CPU's kernels have), gave weights up to 0.25 apart (0.35 seen on
+# an AMD EPYC), accuracy within 0.22 points, BN means 0.09 of a committed standard deviation
+# apart and variances within 0.052 in log (RMS over channels). Another seed: 0.77-1.39 and
+# 0.23-0.88, so these tolerances still tell a different recipe apart.
+RETRAIN_ACCURACY_POINTS = 1.0
+RETRAIN_MEAN_SHIFT_STD = 0.3
+RETRAIN_LOG_VAR = 0.15
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_close_tree(got: object, want: object, where: str = "") -> None:
+    """Same structure, same strings, numbers equal to 1e-5 relative."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            assert_close_tree(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close_tree(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-9), where
+    else:
+        assert got == want, where
+
+
+@pytest.mark.parametrize("name", ["digits", "vol3d"])
+def test_exporting_a_committed_checkpoint_gives_the_committed_files(
+    name: str, tmp_path: Path
+) -> None:
+    """On any machine: the committed checkpoint exports to the committed model.onnx byte for
+    byte, and to its config.json exactly but for what the exporter measures with its kernels."""
+    checkpoint = bundle.checkpoint_path(BUNDLED, name)
+    path = bundle.export(tmp_path, name, checkpoint)
+    assert sha256(path) == sha256(BUNDLED / name / "1" / "model.onnx")
+    assert sha256(bundle.checkpoint_path(tmp_path, name)) == sha256(checkpoint)
+    fresh = json.loads((tmp_path / name / "config.json").read_text())
+    committed = json.loads((BUNDLED / name / "config.json").read_text())
+    fresh_v, committed_v = fresh["versions"]["1"], committed["versions"]["1"]
+    for key in MEASURED_BY_THE_EXPORTER:
+        assert_close_tree(fresh_v.pop(key), committed_v.pop(key), key)
+    assert fresh == committed
+    assert committed_v["trained_on"]["cpu"], "the checkpoint records the CPU that trained it"
+
+
+def bn_drift(model: nn.Module, committed: list[dict]) -> dict[str, tuple[float, float]]:  # type: ignore[type-arg]
+    """{layer: (RMS of the mean shift in committed standard deviations, RMS of log var ratio)}"""
+    modules = dict(model.named_modules())
+    out = {}
+    for bn in committed:
+        m = modules[bn["layer"]]
+        mean, var = np.array(bn["running_mean"]), np.array(bn["running_var"])
+        got_mean = m.running_mean.double().numpy()  # type: ignore[union-attr]
+        got_var = m.running_var.double().numpy()  # type: ignore[union-attr]
+        shift = float(np.sqrt(np.mean(((got_mean - mean) / np.sqrt(var + bn["eps"])) ** 2)))
+        log_var = float(np.sqrt(np.mean(np.log(got_var / var) ** 2)))
+        out[bn["layer"]] = (shift, log_var)
+    return out
+
+
+def test_retrained_digits_matches_the_committed_within_tolerance(digits_result) -> None:  # type: ignore[no-untyped-def]
+    """On any machine: the bundled recipe retrained gives the committed model's accuracy and BN
+    statistics within the stated tolerances."""
+    committed = json.loads((BUNDLED / "digits" / "config.json").read_text())["versions"]["1"]
+    points = 100 * abs(digits_result.accuracy - committed["accuracy"])
+    assert points <= RETRAIN_ACCURACY_POINTS, (digits_result.accuracy, committed["accuracy"])
+    drift = bn_drift(digits_result.model, committed["batchnorm"])
+    assert len(drift) == 3
+    for layer, (shift, log_var) in drift.items():
+        assert shift <= RETRAIN_MEAN_SHIFT_STD and log_var <= RETRAIN_LOG_VAR, (layer, drift)
+
+
+def test_retrained_digits_is_bit_for_bit_on_the_cpu_that_trained_it(
+    digits_result,  # type: ignore[no-untyped-def]
+    digits_repo: Path,
+) -> None:
+    """On the CPU recorded in config.json (`trained_on`) only: the recipe retrained gives the
+    committed files byte for byte."""
     committed_cfg = json.loads((BUNDLED / "digits" / "config.json").read_text())
-    built_on = committed_cfg["versions"]["1"]["cpu_capability"]
-    here = torch.backends.cpu.get_cpu_capability()
-    if built_on != here:
-        pytest.skip(f"bundled models were built with {built_on} kernels, this CPU runs {here}")
-    fresh = (digits_repo / "digits" / "1" / "model.onnx").read_bytes()
-    committed = (BUNDLED / "digits" / "1" / "model.onnx").read_bytes()
-    assert hashlib.sha256(fresh).hexdigest() == hashlib.sha256(committed).hexdigest()
+    built_on = committed_cfg["versions"]["1"]["trained_on"]
+    if digits_result.trained_on != built_on:
+        pytest.skip(
+            f"bit for bit only on the CPU that trained the bundled models ({built_on}); this is "
+            f"{digits_result.trained_on}: the within-tolerance test covers it"
+        )
+    assert sha256(digits_repo / "digits" / "1" / "model.onnx") == sha256(
+        BUNDLED / "digits" / "1" / "model.onnx"
+    )
     fresh_cfg = json.loads((digits_repo / "digits" / "config.json").read_text())
     assert fresh_cfg == committed_cfg
 

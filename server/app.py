@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from bnserve.proto import inference_pb2 as pb
 
-from .config import Settings
+from .config import DRAIN_QUIET_S, Settings
 from .metrics import Metrics
 from .repository import Repository
 from .security import BearerTokenInterceptor, read_token_file, server_credentials
@@ -174,6 +174,17 @@ class App:
                 await self._poller
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.state.idle.wait(), timeout=max(0.0, grace))
+        # grpc's stop cancels (CANCELLED) every call that has reached it but not yet a handler:
+        # a client cannot tell that from its own cancellation and will not retry elsewhere. So
+        # the port closes only once the refusals have stopped: every client that was sending
+        # has had its UNAVAILABLE. Within the grace period.
+        # Quiet since the signal, or since the last refusal: calls in transit at the signal count.
+        while (
+            wait := max(signalled, self.state.last_refusal) + DRAIN_QUIET_S - time.monotonic()
+        ) > 0:
+            if time.monotonic() + wait > deadline:
+                break
+            await asyncio.sleep(wait)
         # Lame duck: the port stays open, refusing new calls with UNAVAILABLE, until lame_duck
         # seconds after the signal (within the grace period). A call that reaches the port
         # while grpc closes it is cancelled by grpc before bnserve sees it; clients that got

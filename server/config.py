@@ -15,6 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 DEFAULT_GRACE_S = 10.0
+# The drain closes the port once no call has been refused for this long (both front ends):
+# gRPC's stop cancels the calls that have reached it but no handler yet.
+DRAIN_QUIET_S = 0.1
 MiB = 1024 * 1024
 
 

@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import Settings
+from .config import DRAIN_QUIET_S, Settings
 from .metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS
 from .repository import Repository
 from .security import TlsMaterial, tls_material
@@ -127,6 +127,7 @@ async def build_plan(settings: Settings) -> dict[str, Any]:
         "metrics_host": metrics_host,
         "metrics_port": settings.metrics_port,
         "grace_s": settings.grace,
+        "drain_quiet_s": DRAIN_QUIET_S,
         "max_message_bytes": settings.max_message_bytes,
         "log_level": settings.log_level,
         "server_metadata_pb": _b64(server_metadata()),

@@ -50,12 +50,14 @@ class ServerState:
     inflight: int = 0
     accepted: int = 0  # every request ever let in (monotonic): inflight + those answered
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    last_refusal: float = 0.0  # time.monotonic() of the last request refused by the drain
 
     def __post_init__(self) -> None:
         self.idle.set()  # nothing in flight yet
 
     def enter(self) -> None:
         if not self.accepting:
+            self.last_refusal = time.monotonic()
             raise ShuttingDownError("server is shutting down; retry on another replica")
         self.inflight += 1
         self.accepted += 1

@@ -34,6 +34,7 @@
 #include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "health.grpc.pb.h"
 #include "metrics.h"
@@ -84,14 +85,22 @@ class Core {
   std::set<StreamCall*> streams;
   bool streams_closing = false;  // under streams_mu: new streams are ended at once
 
+  // now_ns() of the last call the drain refused (UNAVAILABLE): the port closes only once they
+  // have stopped (see main).
+  std::atomic<int64_t> last_refusal_ns{0};
+
   bool enter() {
-    if (!accepting.load()) return false;
+    if (!accepting.load()) return refused();
     inflight.fetch_add(1);
     if (!accepting.load()) {  // the drain began in between: undo (it may be waiting on us)
       leave();
-      return false;
+      return refused();
     }
     return true;
+  }
+  bool refused() {
+    last_refusal_ns.store(now_ns());
+    return false;
   }
   void leave() {
     if (inflight.fetch_sub(1) == 1 && !accepting.load()) {
@@ -329,7 +338,10 @@ Rpc* g_rpc = nullptr;
 // The metadata, statistics and repository methods: answered on the queue's thread.
 
 bool draining() { return !g_core->accepting.load(); }
-Status shutting_down() { return Status(StatusCode::UNAVAILABLE, kShuttingDown); }
+Status shutting_down() {
+  g_core->refused();
+  return Status(StatusCode::UNAVAILABLE, kShuttingDown);
+}
 
 Status do_ServerLive(const pb::ServerLiveRequest&, pb::ServerLiveResponse* o) {
   o->set_live(true);
@@ -1009,6 +1021,7 @@ struct Plan {
   std::string host = "127.0.0.1", metrics_host = "127.0.0.1", log_level = "INFO";
   int port = 0, metrics_port = -1;
   double grace_s = 10.0;
+  double drain_quiet_s = 0.1;  // server/config.py DRAIN_QUIET_S
   int64_t max_message_bytes = 64 << 20;
   std::vector<double> latency_buckets, size_buckets;
   // TLS (the plan's "tls", checked by server/security.py before the exec): PEM files' bytes; an
@@ -1084,6 +1097,7 @@ int main(int argc, char** argv) {
     plan.metrics_host = j.value("metrics_host", plan.metrics_host);
     plan.metrics_port = j.value("metrics_port", -1);
     plan.grace_s = j.value("grace_s", 10.0);
+    plan.drain_quiet_s = j.at("drain_quiet_s").get<double>();
     plan.max_message_bytes = j.value("max_message_bytes", plan.max_message_bytes);
     plan.log_level = j.value("log_level", plan.log_level);
     if (j.contains("tls")) {  // base64 of the PEM files' bytes
@@ -1231,6 +1245,7 @@ int main(int argc, char** argv) {
   const auto drain_deadline = std::chrono::system_clock::now() +
                               std::chrono::microseconds(int64_t(plan.grace_s * 1e6));
   core.accepting.store(false);
+  core.refused();  // the quiet period below counts from the signal at the earliest
   health.set_not_serving();
   logf(kInfo, "draining: %lld request(s) in flight, grace %g s",
        (long long)core.inflight.load(), plan.grace_s);
@@ -1244,6 +1259,18 @@ int main(int argc, char** argv) {
     });
   }
   if (drained) {
+    // gRPC's Shutdown cancels (CANCELLED) every call that has reached it but no handler yet; a
+    // client cannot tell that from its own cancellation and will not retry elsewhere. So the
+    // port closes once the refusals have stopped: every client that was sending has had its
+    // UNAVAILABLE. Within the grace period.
+    const int64_t quiet_ns = int64_t(plan.drain_quiet_s * 1e9);
+    const int64_t end_ns = now_ns() + std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                          drain_deadline - std::chrono::system_clock::now())
+                                          .count();
+    for (int64_t wait; (wait = core.last_refusal_ns.load() + quiet_ns - now_ns()) > 0;) {
+      if (now_ns() + wait > end_ns) break;
+      std::this_thread::sleep_for(std::chrono::nanoseconds(wait));
+    }
     // Every accepted request is answered: end the streams (an idle one at once, the others once
     // their answers are written), so an open stream does not hold the shutdown for the grace.
     unanswered = 0;

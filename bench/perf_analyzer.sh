@@ -94,7 +94,11 @@ ready() {
 }
 
 prepare() {
-    command -v debootstrap >/dev/null || die "debootstrap not found: apt-get install -y debootstrap"
+    if ! command -v debootstrap >/dev/null; then  # a fresh machine: Debian has it
+        log "installing debootstrap (apt-get)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap; } \
+            >/dev/null 2>&1 || die "debootstrap not found and apt-get install debootstrap failed"
+    fi
     local work=$PA_ROOT.partial mirror py elf t0=$SECONDS
     mirror=${PA_MIRROR:-$(host_mirror)}
     py=$(host_pip_python) || die "no python with pip on the host (python3 -m pip, or the repo's .venv)"

@@ -18,7 +18,8 @@
 #                         made here). Any image with python3.11 and its venv module works,
 #                         e.g. python:3.11-slim when a registry is reachable.
 #   BNSERVE_IMAGE         tag of the built image; default local/bnserve:ci
-#   BNSERVE_CI_PORT, BNSERVE_CI_METRICS_PORT   host ports of the test container (18001, 18002)
+#   BNSERVE_CI_PORT, BNSERVE_CI_METRICS_PORT   host ports of the test container (default: free
+#                         ones, picked at the start)
 #   PYTHON                interpreter for the client checks; default .venv/bin/python
 set -euo pipefail
 
@@ -31,9 +32,13 @@ BASE_REPO=local/bnserve-base
 BASE_IMAGE=${BNSERVE_BASE_IMAGE:-$BASE_REPO}
 CACHE=${BNSERVE_DOCKER_CACHE:-/var/cache/bnserve-docker}
 FRESH=${BNSERVE_DOCKER_FRESH:-0}
-PORT=${BNSERVE_CI_PORT:-18001}
-METRICS_PORT=${BNSERVE_CI_METRICS_PORT:-18002}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+# Free ports by default, picked now (two clones may run this at once on one host).
+free_port() {
+    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+PORT=${BNSERVE_CI_PORT:-$(free_port)}
+METRICS_PORT=${BNSERVE_CI_METRICS_PORT:-$(free_port)}
 SUITE=bookworm
 CONTAINER=bnserve-ci-$$
 DAY=$(date -u +%Y%m%d)
@@ -304,7 +309,7 @@ import socket, sys
 for port in map(int, sys.argv[1:]):
     with socket.socket() as s:  # SO_REUSEADDR like the servers: TIME_WAIT is not "busy"
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", port))
+        s.bind(("127.0.0.1", port))
         s.listen()
 EOF
 # Ports through BNSERVE_* (not --port) so the image's HEALTHCHECK follows them; only the
@@ -312,7 +317,7 @@ EOF
 # Read-only root, /tmp tmpfs, no capabilities: the Deployment's securityContext.
 "$DOCKER" run -d --name "$CONTAINER" --network host \
     --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
-    -e BNSERVE_PORT="$PORT" -e BNSERVE_METRICS_PORT="$METRICS_PORT" \
+    -e BNSERVE_HOST=127.0.0.1 -e BNSERVE_PORT="$PORT" -e BNSERVE_METRICS_PORT="$METRICS_PORT" \
     --health-interval 1s --health-start-period 30s \
     "$IMAGE" --instances 2 --frontend "$FRONTEND" >/dev/null
 CONTAINER_STARTED=1

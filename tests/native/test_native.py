@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import queue
 import re
@@ -748,23 +749,29 @@ def test_the_drain_ends_idle_streams_and_health_watches(digits_x: np.ndarray) ->
 
 
 def test_queued_requests_past_their_deadline_or_cancelled_are_not_run() -> None:
-    """One vol3d session kept busy by 32-row requests (~0.06-0.12 s each, ~0.5 s for the
-    8). Requests queued behind them with a 200 ms deadline (room to arrive and be queued on a
-    loaded machine: with 50 ms, one CI run saw none of them queued in time), and requests the
-    client cancels while queued, are dropped from the queue (the worker checks each call's
-    deadline and whether its client is gone) and never run: ModelStatistics counts only the rows
-    of the requests that were answered."""
+    """One vol3d session kept busy by 32-row requests, at least 1 s of them whatever the CPU's
+    speed (timed here first). Requests queued behind them with a 200 ms deadline (room to
+    arrive and be queued on a loaded machine: with 50 ms, one CI run saw none of them queued in
+    time), and requests the client cancels while queued, are dropped from the queue (the worker
+    checks each call's deadline and whether its client is gone) and never run: ModelStatistics
+    counts only the rows of the requests that were answered."""
     s = NativeServer(BUNDLED, "--instances", "1")
     big = _vol3d_rows(32, seed=11)
     one = big[:1]
     try:
         with grpc.insecure_channel(s.target) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            timed = []
+            for _ in range(2):
+                t = time.monotonic()
+                stub.ModelInfer(infer_request(big, model="vol3d"), timeout=120)
+                timed.append(time.monotonic() - t)
+            n_busy = max(8, math.ceil(1.0 / min(timed)))
             busy = [
                 stub.ModelInfer.future(infer_request(big, model="vol3d"), timeout=120)
-                for _ in range(8)
+                for _ in range(n_busy)
             ]
-            assert _wait_inflight(s, 8) >= 8
+            assert _wait_inflight(s, n_busy) >= n_busy
             late = [
                 stub.ModelInfer.future(infer_request(one, model="vol3d"), timeout=0.2)
                 for _ in range(4)
@@ -773,7 +780,8 @@ def test_queued_requests_past_their_deadline_or_cancelled_are_not_run() -> None:
                 stub.ModelInfer.future(infer_request(one, model="vol3d"), timeout=120)
                 for _ in range(4)
             ]
-            assert _wait_inflight(s, 16) >= 13  # some of the late ones may be gone already
+            # some of the late ones may be gone already
+            assert _wait_inflight(s, n_busy + 8) >= n_busy + 5
             for f in gone:
                 assert f.cancel()
             for f in busy:
@@ -785,7 +793,7 @@ def test_queued_requests_past_their_deadline_or_cancelled_are_not_run() -> None:
             # The server answers the dropped ones too (to no one): wait until all 16 are counted.
             wait_for(lambda: s.metric("bnserve_inflight_requests") == 0, what="queue drained")
             stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="vol3d"), timeout=10)
-            assert stats.model_stats[0].inference_count == 8 * 32
+            assert stats.model_stats[0].inference_count == (2 + n_busy) * 32
             failed = {
                 code: s.metric(
                     "bnserve_request_failure_total", model="vol3d", version="1", code=code

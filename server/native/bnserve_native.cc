@@ -920,11 +920,9 @@ class HealthService final : public hv1::Health::Service {
 // CPU a sample about 1% lower (the workers' about 0.5% higher); digits unchanged; a digits
 // request at 1 in flight beside a vol3d load no slower (round 9, docs/performance-notes.md). An
 // idle core still runs it at once.
+// Its name and policy are set by its creator (start_queue_thread), before the server reports
+// ready.
 void drain_queue(Queue* q) {
-  pthread_setname_np(pthread_self(), "bnn-grpc");
-  sched_param batch{};
-  if (int e = pthread_setschedparam(pthread_self(), SCHED_BATCH, &batch); e != 0)
-    logf(kInfo, "bnn-grpc: SCHED_BATCH not set (%s); running SCHED_OTHER", std::strerror(e));
   void* tag = nullptr;
   bool ok = false;
   const int64_t every_ns = int64_t(kQuietDrainMs) * 1000000;
@@ -1043,6 +1041,15 @@ std::shared_ptr<grpc::ServerCredentials> server_credentials(const Plan& plan, st
   opts.pem_root_certs = plan.tls_client_ca_pem;
   *desc = mutual ? "mutual TLS" : "TLS";
   return grpc::SslServerCredentials(opts);
+}
+
+std::thread start_queue_thread(Queue* q) {
+  std::thread t(drain_queue, q);
+  pthread_setname_np(t.native_handle(), "bnn-grpc");
+  sched_param batch{};
+  if (int e = pthread_setschedparam(t.native_handle(), SCHED_BATCH, &batch); e != 0)
+    logf(kInfo, "bnn-grpc: SCHED_BATCH not set (%s); running SCHED_OTHER", std::strerror(e));
+  return t;
 }
 
 }  // namespace
@@ -1231,7 +1238,7 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 8; ++i) StreamCall::await(q.get());
   }
   std::vector<std::thread> cq_threads;
-  for (auto& q : rpc.queues) cq_threads.emplace_back(drain_queue, q.get());
+  for (auto& q : rpc.queues) cq_threads.push_back(start_queue_thread(q.get()));
 
   g_grpc_quiet.store(false);
   logf(kInfo, "serving %s on %s (native, %s; metrics %s) in %.2f s", names.c_str(),

@@ -397,7 +397,12 @@ bool ModelVersion::compatible(const Pending* a, const Pending* b) const {
 }
 
 void ModelVersion::start() {
-  for (size_t i = 0; i < slots_.size(); ++i) threads_.emplace_back([this] { worker(); });
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    threads_.emplace_back([this] { worker(); });
+    // Named by its creator, so it has its name before the server reports ready: the CPU spent
+    // in onnxruntime runs is told from gRPC's by name in /proc/PID/task (bench/suite.py).
+    pthread_setname_np(threads_.back().native_handle(), kWorkerThreadName);
+  }
 }
 
 void ModelVersion::abort_queued(const Status& st) {
@@ -430,9 +435,6 @@ void ModelVersion::release_locked(Slot* slot, int64_t ns) {
 // As many workers as sessions: a free session always has an idle worker to run queued work
 // (whoever frees one either is that worker, looping, or notifies one).
 void ModelVersion::worker() {
-  // Named, so the CPU spent in onnxruntime runs can be told from gRPC's in /proc/PID/task
-  // (bench/suite.py's split of the server's CPU).
-  pthread_setname_np(pthread_self(), kWorkerThreadName);
   std::vector<Pending*> batch, dead;
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {

@@ -780,8 +780,8 @@ def test_queued_requests_past_their_deadline_or_cancelled_are_not_run() -> None:
                 stub.ModelInfer.future(infer_request(one, model="vol3d"), timeout=120)
                 for _ in range(4)
             ]
-            # some of the late ones may be gone already
-            assert _wait_inflight(s, n_busy + 8) >= n_busy + 5
+            # the 8 have arrived (a busy one may have finished, a late one expired already)
+            assert _wait_inflight(s, n_busy + 5) >= n_busy + 5
             for f in gone:
                 assert f.cancel()
             for f in busy:

@@ -142,6 +142,34 @@ def _iter_nodes(graph: onnx.GraphProto, where: str) -> Iterator[tuple[onnx.NodeP
                     )
 
 
+def _all_nodes(proto: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, str]]:
+    """Every node: the main graph, its subgraphs, and model-local functions."""
+    yield from _iter_nodes(proto.graph, "main graph")
+    for f in proto.functions:
+        # Wrapped in a graph to walk it the same way.
+        yield from _iter_nodes(onnx.helper.make_graph(f.node, f.name, [], []), f"function {f.name}")
+
+
+# Ops whose answer for one sample is computed from the whole tensor, the batch included: what
+# the batch-invariance gate's message names as the cause when the graph has one.
+BATCH_WIDE_OPS: dict[str, str] = {
+    "DynamicQuantizeLinear": (
+        "takes its scale and zero point from the whole input, batch included (dynamic "
+        "quantization); quantize statically instead, with scales calibrated once "
+        "(onnxruntime.quantization.quantize_static)"
+    ),
+}
+
+
+def batch_wide_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Each node of a BATCH_WIDE_OPS op, with why it makes answers depend on the batch."""
+    return [
+        f"{_node_label(node, where)} {BATCH_WIDE_OPS[node.op_type]}"
+        for node, where in _all_nodes(proto)
+        if node.op_type in BATCH_WIDE_OPS and node.domain in ("", "ai.onnx")
+    ]
+
+
 def check_frozen(model: str | os.PathLike[str] | bytes) -> onnx.ModelProto:
     """Refuse a model that is not ONNX or has a BatchNormalization node in training mode.
 
@@ -150,30 +178,23 @@ def check_frozen(model: str | os.PathLike[str] | bytes) -> onnx.ModelProto:
     Returns the parsed model. Raises ModelLoadError naming the offending node.
     """
     proto = _load_onnx(model)
-    graphs: list[tuple[onnx.GraphProto, str]] = [(proto.graph, "main graph")]
-    # Model-local functions hold nodes too; wrap each in a graph to walk it the same way.
-    graphs += [
-        (onnx.helper.make_graph(f.node, f.name, [], []), f"function {f.name}")
-        for f in proto.functions
-    ]
-    for graph, where in graphs:
-        for node, node_where in _iter_nodes(graph, where):
-            if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
-                continue
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            label = _node_label(node, node_where)
-            if attrs.get("training_mode", 0) != 0:
-                raise ModelLoadError(
-                    f"{label} is in training mode (training_mode={attrs['training_mode']}); "
-                    "export the network in eval mode so BN uses its running statistics"
-                )
-            if "is_test" in attrs and attrs["is_test"] == 0:
-                raise ModelLoadError(f"{label} is in training mode (is_test=0)")
-            extra = [o for o in node.output[1:] if o]
-            if extra:
-                raise ModelLoadError(
-                    f"{label} is in training mode: it outputs batch statistics {extra}"
-                )
+    for node, where in _all_nodes(proto):
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        label = _node_label(node, where)
+        if attrs.get("training_mode", 0) != 0:
+            raise ModelLoadError(
+                f"{label} is in training mode (training_mode={attrs['training_mode']}); "
+                "export the network in eval mode so BN uses its running statistics"
+            )
+        if "is_test" in attrs and attrs["is_test"] == 0:
+            raise ModelLoadError(f"{label} is in training mode (is_test=0)")
+        extra = [o for o in node.output[1:] if o]
+        if extra:
+            raise ModelLoadError(
+                f"{label} is in training mode: it outputs batch statistics {extra}"
+            )
     return proto
 
 
@@ -391,11 +412,13 @@ def check_batch_invariance(
     batch_sizes: Sequence[int] = (5,),
     free_dim_size: int = 8,
     seed: int = 0,
+    proto: onnx.ModelProto | None = None,
 ) -> None:
     """Refuse (ModelLoadError) a model whose output rows depend on the rest of the batch.
 
     For deterministic random inputs, runs every sample alone and then the first `b` samples as
-    one batch for each b in batch_sizes; every output row must be bitwise equal.
+    one batch for each b in batch_sizes; every output row must be bitwise equal. With the
+    model's graph (`proto`), the message names the nodes that explain it (batch_wide_nodes).
     """
     sizes = sorted({b for b in batch_sizes if b >= 2})
     if not sizes:
@@ -420,11 +443,13 @@ def check_batch_invariance(
                 )
             alone = np.concatenate([s[out.name] for s in singles[:b]])
             if alone.shape != got.shape or alone.tobytes() != got.tobytes():
+                causes = batch_wide_nodes(proto) if proto is not None else []
+                because = f"; the cause: {'; '.join(causes)}" if causes else ""
                 raise ModelLoadError(
                     f"model is not batch-invariant: output {out.name!r} differs between samples "
                     f"run alone and in a batch of {b} (max abs difference "
                     f"{_max_abs_diff(alone, got):.3g}); it would change results under dynamic "
-                    "batching"
+                    f"batching{because}"
                 )
 
 
@@ -469,7 +494,7 @@ def load_model(
     if not Path(path).is_file():
         raise ModelLoadError(f"model file not found: {path}")
     t0 = time.perf_counter()
-    check_frozen(path)
+    proto = check_frozen(path)
     pool = SessionPool(path, instances)
     try:
         inputs, outputs = pool.inputs, pool.outputs
@@ -486,6 +511,7 @@ def load_model(
                     pool,
                     batch_sizes=[min(b, max_batch_size) for b in invariance_batch_sizes],
                     free_dim_size=free_dim_size,
+                    proto=proto,
                 )
     except BaseException:
         pool.close()

@@ -182,6 +182,26 @@ def test_batch_dependent_model_is_refused(models: dict[str, Path]) -> None:
         load_model(models["batch_mean"], name="bm", version=1, max_batch_size=8, instances=1)
 
 
+def test_dynamically_quantized_model_is_refused_naming_the_cause(tmp_path: Path) -> None:
+    """Dynamic quantization takes each scale from the whole batch: the bundled digits model,
+    quantized so, answers a sample differently alone and in a batch, and the gate's message
+    names the DynamicQuantizeLinear node as the cause."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    digits = VOL3D.parents[2] / "digits" / "1" / "model.onnx"
+    dynamic = tmp_path / "digits_dynamic_int8.onnx"
+    quantize_dynamic(digits, dynamic, weight_type=QuantType.QInt8)
+    assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(dynamic)).graph.node}
+    with pytest.raises(
+        ModelLoadError,
+        match=r"not batch-invariant.*'logits'.*the cause: DynamicQuantizeLinear node .* takes "
+        r"its scale and zero point from the whole input.*quantize_static",
+    ):
+        load_model(dynamic, name="digits", version=1, max_batch_size=64, instances=1)
+    # the float model it came from passes the same gate
+    load_model(digits, name="digits", version=1, max_batch_size=64, instances=1).close()
+
+
 def test_batch_dependent_model_passes_when_it_cannot_batch(models: dict[str, Path]) -> None:
     # max_batch_size 1: requests are never merged, so the gate does not apply.
     loaded = load_model(models["batch_mean"], name="bm", version=1, max_batch_size=1, instances=1)

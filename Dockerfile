@@ -6,7 +6,9 @@ ARG BASE_IMAGE=python:3.11-slim
 #                                                               # and its venv module
 #   docker run --rm -p 8001:8001 -p 8002:8002 bnserve
 #   docker run --rm -v "$PWD/my_repo:/models:ro" bnserve        # serve your own repository
-#   docker run --rm -p 8001:8001 bnserve --frontend native      # the C++ front end (docs/native.md)
+#   docker run --rm -p 8001:8001 bnserve --frontend python      # the Python front end (the
+#                                                               # default is the C++ one when
+#                                                               # every flag suits it: docs/native.md)
 #
 # Settings come from BNSERVE_* variables (server/config.py) and flags appended to `docker run`
 # (flags win). Change the gRPC port with -e BNSERVE_PORT=..., not --port: the HEALTHCHECK reads

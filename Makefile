@@ -46,7 +46,11 @@ $(VENV)/.test-stamp: pyproject.toml $(TEST_LOCK) $(SOURCES) | $(PY)
 install-serve: $(VENV)/.serve-stamp
 install-test: $(VENV)/.test-stamp
 
+# The native front end is built first and serves by default (`--frontend auto`); if it cannot
+# be built here, the Python front end serves and the log says why.
 serve: install-serve
+	@$(MAKE) --no-print-directory native || \
+		echo "make serve: the native front end did not build (see above): the Python one serves"
 	$(BNSERVE) serve --repo model_repository --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 # The native (C++) front end, build/native/bnserve_native (server/native_frontend.py, docs/native.md):

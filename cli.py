@@ -176,17 +176,24 @@ def _serve(args: argparse.Namespace) -> int:
         )
         raise ValueError(f"invalid settings: {problems}") from None
     logging.getLogger().setLevel(settings.log_level)
-    if settings.frontend == "native":
+    from bnserve.server.frontend import choose
+
+    # Resolved once: --workers' processes inherit "python", not "auto". The front end logs the
+    # choice as it starts, after its own checks of the settings.
+    frontend, why = choose(settings)
+    settings = settings.model_copy(update={"frontend": frontend})
+    if frontend == "native":
         from bnserve.server.native_frontend import exec_native
 
-        exec_native(settings)  # gates the models, then becomes the native server
+        exec_native(settings, why=why)  # gates the models, then becomes the native server
     if settings.workers > 1:
         from bnserve.server.workers import supervise
 
+        logging.getLogger("bnserve.server").info("front end: python (%s)", why)
         return supervise(settings)  # no grpc, no onnxruntime in this process
     from bnserve.server.app import serve
 
-    return serve(settings)
+    return serve(settings, frontend_why=why)
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -336,9 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--frontend",
-        choices=("python", "native"),
-        help="python: every feature (default); native: the C++ front end, several times less "
-        "CPU a request, no hot reload/tokens/drift/--workers (`make native` builds it)",
+        choices=("auto", "python", "native"),
+        help="native: the C++ front end, several times less CPU a request, no hot "
+        "reload/tokens/drift/--workers/--lame-duck yet (`make native` builds it); python: every "
+        "feature; auto (default): native when built and every flag given is one it supports, "
+        "else python, saying why in the log",
     )
     p.add_argument(
         "--lame-duck",

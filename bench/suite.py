@@ -659,7 +659,7 @@ def measure_frontend(
     if reference is not None and not ref_runs:
         raise ValueError(f"no run of {reference.model!r} in RUNS to measure the reference around")
     _say(f"starting the server ({frontend} front end)")
-    extra = ["--frontend", frontend] if frontend != "python" else []
+    extra = ["--frontend", frontend]
     server = start_server(repo, log_path, instances, extra=extra)
     runs: dict[str, ServerRun] = {}
     pa_runs: list[PaRun] = []
@@ -753,7 +753,11 @@ def measure_drift_cost(
     for _ in range(pairs):
         for rate, into in ((0.0, cost.off_rps), (DRIFT_RATE, cost.on_rps)):
             server = start_server(
-                repo, log_path, instances, extra=["--drift-sample-rate", str(rate)]
+                repo,
+                log_path,
+                instances,
+                # drift is scored by the Python front end: both of a pair run it
+                extra=["--frontend", "python", "--drift-sample-rate", str(rate)],
             )
             try:
                 time.sleep(d.settle_s)
@@ -1238,7 +1242,7 @@ def render(
         w("")
     w("## Targets")
     w("")
-    w("The default server, `bnserve serve` (the Python front end: every feature).")
+    w("The Python front end, `bnserve serve --frontend python` (every feature).")
     w("")
     w("| target | measured | limit | result |")
     w("|---|---|---|---|")
@@ -1647,7 +1651,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 3b'. perf_analyzer against `serve --workers 2` (a session each): the SO_REUSEPORT option.
     if pa_skipped is None:
         workers_log = _server_log()
-        workers = start_server(repo, workers_log, 1, extra=["--workers", str(PA_WORKERS)])
+        workers = start_server(
+            repo, workers_log, 1, extra=["--frontend", "python", "--workers", str(PA_WORKERS)]
+        )
         try:
             wait_for_log_lines(workers_log, " serving ", PA_WORKERS)  # every worker, not one
             with tempfile.TemporaryDirectory(prefix="bnserve-pa-") as workdir:

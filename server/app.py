@@ -48,8 +48,9 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 class App:
     """One running server: gRPC, repository, metrics. Create with build_server()."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, frontend_why: str = "--frontend python") -> None:
         self.settings = settings
+        self.frontend_why = frontend_why  # why this front end answers (logged at start)
         # Security first: a bad certificate, key or token file fails before anything is loaded.
         self.credentials = server_credentials(
             settings.tls_cert, settings.tls_key, settings.tls_client_ca
@@ -104,6 +105,7 @@ class App:
     async def start(self) -> int:
         s = self.settings
         started = time.monotonic()
+        log.info("front end: python (%s)", self.frontend_why)
         log.info("bnserve starting: %s", s.summary())
         await self.repository.load_all()
         servicer = InferenceServicer(
@@ -206,15 +208,17 @@ class App:
         await self.server.wait_for_termination()
 
 
-async def build_server(settings: Settings) -> tuple[App, int]:
+async def build_server(
+    settings: Settings, *, frontend_why: str = "--frontend python"
+) -> tuple[App, int]:
     """Start a server (on the running loop) and return it with its bound gRPC port."""
-    app = App(settings)
+    app = App(settings, frontend_why=frontend_why)
     port = await app.start()
     return app, port
 
 
-async def _serve(settings: Settings) -> int:
-    app, _ = await build_server(settings)
+async def _serve(settings: Settings, frontend_why: str) -> int:
+    app, _ = await build_server(settings, frontend_why=frontend_why)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -225,13 +229,13 @@ async def _serve(settings: Settings) -> int:
     return 0
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, *, frontend_why: str = "--frontend python") -> int:
     """Run until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
     try:
         import uvloop  # optional: a faster event loop when installed
     except ImportError:
-        return asyncio.run(_serve(settings))
-    return uvloop.run(_serve(settings))
+        return asyncio.run(_serve(settings, frontend_why))
+    return uvloop.run(_serve(settings, frontend_why))
 
 
 @contextlib.contextmanager

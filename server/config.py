@@ -45,10 +45,11 @@ class Settings(BaseSettings):
         description="seconds after the shutdown signal during which new calls still get "
         "UNAVAILABLE before the port closes (within --grace); 0: close once drained",
     )
-    frontend: Literal["python", "native"] = Field(
-        default="python",
-        description="who answers requests: the Python front end (every feature) or the C++ one "
-        "(server/native_frontend.py: faster; no hot reload, tokens, drift or --workers)",
+    frontend: Literal["auto", "python", "native"] = Field(
+        default="auto",
+        description="who answers requests: the C++ front end (server/native_frontend.py: "
+        "several times less CPU a request) or the Python one; auto: native when it is built "
+        "and supports every setting asked for, else Python (one log line says why)",
     )
     workers: int = Field(
         default=1,

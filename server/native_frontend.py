@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import DRAIN_QUIET_S, Settings
+from .frontend import NativeUnavailableError, binary, unsupported
 from .metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS
 from .repository import Repository
 from .security import TlsMaterial, tls_material
@@ -38,42 +39,6 @@ from .servicer import model_config, model_metadata, server_metadata
 __all__ = ["NativeUnavailableError", "binary", "build_plan", "exec_native", "unsupported"]
 
 log = logging.getLogger("bnserve.server")
-
-ROOT = Path(__file__).resolve().parents[1]  # the checkout (editable installs link back here)
-DEFAULT_BINARY = ROOT / "build" / "native" / "bnserve_native"
-BINARY_ENV = "BNSERVE_NATIVE_BIN"
-
-
-class NativeUnavailableError(RuntimeError):
-    """The native front end cannot start: not built, or asked for what it does not support
-    (a start-up error: `bnserve serve` prints it and exits 2)."""
-
-
-def binary() -> Path:
-    """The `bnserve_native` executable: $BNSERVE_NATIVE_BIN, else the checkout's build/native."""
-    path = Path(os.environ.get(BINARY_ENV) or DEFAULT_BINARY)
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        raise NativeUnavailableError(
-            f"--frontend native needs the bnserve_native executable, not found at {path}: "
-            f"build it with `make native` (or point {BINARY_ENV} at it)"
-        )
-    return path
-
-
-def unsupported(settings: Settings) -> list[str]:
-    """Settings the native front end cannot honour, one sentence each (empty: all fine)."""
-    problems = []
-    if settings.poll:
-        problems.append("--poll (hot reload): restart the server to change models")
-    if settings.lame_duck > 0:
-        problems.append("--lame-duck: new calls are refused at once after SIGTERM")
-    if settings.workers > 1:
-        problems.append("--workers: one native process already uses every core")
-    if settings.auth_token_file is not None:
-        problems.append("--auth-token-file: serve bearer tokens through the Python front end")
-    if settings.drift_sample_rate > 0:
-        problems.append("--drift-sample-rate: drift is scored by the Python front end only")
-    return problems
 
 
 def _b64bytes(data: bytes) -> str:
@@ -155,7 +120,7 @@ def _plan_fd(plan: dict[str, Any]) -> int:
     return fd
 
 
-def exec_native(settings: Settings) -> NoReturn:
+def exec_native(settings: Settings, *, why: str = "--frontend native") -> NoReturn:
     """Gate the models, then replace this process with `bnserve_native` serving them.
 
     Raises NativeUnavailableError (nothing loaded yet) when the binary is missing or a setting
@@ -166,6 +131,7 @@ def exec_native(settings: Settings) -> NoReturn:
         raise NativeUnavailableError("--frontend native does not support: " + "; ".join(problems))
     exe = binary()
     tls = tls_material(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    log.info("front end: native (%s)", why)
     log.info("bnserve starting (native front end): %s", settings.summary())
     plan = asyncio.run(build_plan(settings))
     if tls is not None:

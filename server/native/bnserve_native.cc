@@ -1188,7 +1188,7 @@ int main(int argc, char** argv) {
     std::string err;
     int mport = metrics.start(plan.metrics_host, plan.metrics_port, &err);
     if (mport < 0) die("cannot serve metrics on " + host_port(plan.metrics_host, plan.metrics_port) + ": " + err);
-    metrics_desc = host_port(plan.metrics_host, mport);
+    metrics_desc = host_port(plan.metrics_host, mport) + "/metrics";  // as the Python one says
   }
 
   for (ModelVersion* mv : core.all) mv->start();

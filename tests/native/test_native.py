@@ -42,7 +42,7 @@ from bnserve.server.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "model_repository"
-_METRICS = re.compile(r"metrics [^ ]+:(\d+)\)")
+_METRICS = re.compile(r"metrics [^ ]+:(\d+)/metrics\)")
 
 pytestmark = pytest.mark.timeout(180)
 

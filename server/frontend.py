@@ -22,9 +22,13 @@ class NativeUnavailableError(RuntimeError):
     (a start-up error: `bnserve serve` prints it and exits 2)."""
 
 
+def _binary_path() -> Path:
+    return Path(os.environ.get(BINARY_ENV) or DEFAULT_BINARY)
+
+
 def binary() -> Path:
     """The `bnserve_native` executable: $BNSERVE_NATIVE_BIN, else the checkout's build/native."""
-    path = Path(os.environ.get(BINARY_ENV) or DEFAULT_BINARY)
+    path = _binary_path()
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise NativeUnavailableError(
             f"--frontend native needs the bnserve_native executable, not found at {path}: "
@@ -62,9 +66,8 @@ def choose(settings: Settings) -> tuple[str, str]:
     try:
         exe = binary()
     except NativeUnavailableError:
-        path = os.environ.get(BINARY_ENV) or DEFAULT_BINARY
         return "python", (
-            f"auto: the native front end is not built ({path}); `make native` builds it, "
+            f"auto: the native front end is not built ({_binary_path()}); `make native` builds it, "
             "for several times less CPU a request"
         )
     return "native", f"auto: the native front end is built ({exe})"

@@ -55,10 +55,14 @@ class ServerState:
     def __post_init__(self) -> None:
         self.idle.set()  # nothing in flight yet
 
+    def refuse(self, message: str) -> ShuttingDownError:
+        """The drain's refusal of a call, timed (the drain waits for refusals to stop)."""
+        self.last_refusal = time.monotonic()
+        return ShuttingDownError(message)
+
     def enter(self) -> None:
         if not self.accepting:
-            self.last_refusal = time.monotonic()
-            raise ShuttingDownError("server is shutting down; retry on another replica")
+            raise self.refuse("server is shutting down; retry on another replica")
         self.inflight += 1
         self.accepted += 1
         self.idle.clear()
@@ -510,7 +514,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     "name it with an empty string"
                 )
             if not self._state.accepting:
-                raise ShuttingDownError("server is shutting down")
+                raise self._state.refuse("server is shutting down")
             await coro
         except BnserveError as exc:
             await context.abort(grpc.StatusCode[exc.status_code], exc.message)

@@ -1271,12 +1271,10 @@ int main(int argc, char** argv) {
     // port closes once the refusals have stopped: every client that was sending has had its
     // UNAVAILABLE. Within the grace period.
     const int64_t quiet_ns = int64_t(plan.drain_quiet_s * 1e9);
-    const int64_t end_ns = now_ns() + std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                          drain_deadline - std::chrono::system_clock::now())
-                                          .count();
     for (int64_t wait; (wait = core.last_refusal_ns.load() + quiet_ns - now_ns()) > 0;) {
-      if (now_ns() + wait > end_ns) break;
-      std::this_thread::sleep_for(std::chrono::nanoseconds(wait));
+      const std::chrono::nanoseconds left(wait);
+      if (std::chrono::system_clock::now() + left > drain_deadline) break;
+      std::this_thread::sleep_for(left);
     }
     // Every accepted request is answered: end the streams (an idle one at once, the others once
     // their answers are written), so an open stream does not hold the shutdown for the grace.

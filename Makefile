@@ -32,6 +32,11 @@ SOURCES := $(shell git ls-files '*.py' 2>/dev/null)
 MYPY_MODULES := $(shell git ls-files 'server/*.py' 'client/*.py' 'training/*.py' 'proto/*.py' cli.py \
 	| grep -v '_pb2' | sed -e 's/\.py$$//' -e 's/\/__init__$$//' -e 's/\//./g' -e 's/^/-m bnserve./')
 
+# The bench scripts are checked as files. The checkout's root is the package `bnserve` (it holds
+# __init__.py), so without explicit package bases mypy would name them after the checkout's
+# directory, and refuse one that is no Python identifier (mktemp's tmp.XXXX).
+MYPY_BENCH = $(VENV)/bin/mypy --explicit-package-bases bench/suite.py bench/soak.py bench/floor.py
+
 $(VENV)/.serve-stamp: pyproject.toml $(SERVE_LOCK) $(SOURCES) | $(PY)
 	$(LOCKED) $(SERVE_LOCK)
 	$(SELF) $(EDITABLE) -e .
@@ -68,7 +73,7 @@ lint: install-test
 
 typecheck: install-test
 	$(VENV)/bin/mypy $(MYPY_MODULES)
-	$(VENV)/bin/mypy bench/suite.py bench/soak.py bench/floor.py
+	$(MYPY_BENCH)
 
 unit: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -77,7 +82,7 @@ test: install-test native
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(MYPY_MODULES)
-	$(VENV)/bin/mypy bench/suite.py bench/soak.py bench/floor.py
+	$(MYPY_BENCH)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Re-resolve both locks from pyproject.toml; pins are kept unless pyproject needs otherwise, or
